@@ -1,0 +1,555 @@
+"""ARMT: the Associative Recurrent Memory Transformer (Rodkin et al. 2024, arXiv 2407.04841) around any decoder-only
+transformers backbone.
+
+The input is read in segments of `segment_size` tokens; `num_mem_tokens` memory tokens follow every segment. Every
+decoder layer l has an associative memory (A_l, z_l): before the layer, every position reads from it; after the layer,
+the memory tokens' outputs write to it. All of that state lives in an `ARMTCache`, never on the modules, so one model
+serves any number of independent streams.
+
+The backbone stays a stock transformers causal LM (`model.backbone`, its own state-dict keys). Reads and writes are
+forward hooks on its decoder layers that act only inside an ARMT forward (through a context variable) and are no-ops
+otherwise.
+"""
+
+import contextvars
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
+
+try:
+    from .configuration_armt import ARMTConfig
+except ImportError:  # imported as a top-level module (pip install, tests) rather than as Hub remote code
+    from configuration_armt import ARMTConfig
+
+logger = logging.get_logger(__name__)
+
+
+def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
+    """Deterministic parameter-free projection (Schlag et al. 2021): (..., d) -> (..., 2 * nu * d)."""
+    x = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
+    rolled = torch.cat([x.roll(shifts=j, dims=-1) for j in range(1, nu + 1)], dim=-1)
+    return x.repeat(*([1] * (x.dim() - 1)), nu) * rolled
+
+
+class ARMTMemoryLayer(nn.Module):
+    """The associative memory projections of one decoder layer: W_q, W_k, W_v and W_b of the paper."""
+
+    def __init__(self, config: ARMTConfig):
+        super().__init__()
+        d_model = config.hidden_size
+        self.nu = config.dpfp_nu
+        self.eps = config.memory_eps
+        self.correction = config.correction
+        self.q_proj = nn.Linear(d_model, config.d_mem, bias=False)  # W_q
+        self.k_proj = nn.Linear(d_model, config.d_mem, bias=False)  # W_k
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)  # W_v, zero-initialised
+        self.b_proj = nn.Linear(d_model, 1, bias=True)  # W_b, the write strength beta
+
+    def read(self, hidden_states: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y = phi(W_q h) A / (phi(W_q h) . z + eps), in float32; returns h + y in h's dtype."""
+        q = dpfp(self.q_proj(hidden_states).float(), self.nu)  # (B, T, d_key)
+        y = (q @ A) / ((q @ z.unsqueeze(-1)) + self.eps)  # (B, T, d_model)
+        return hidden_states + y.to(hidden_states.dtype)
+
+    def write(
+        self, memory_states: torch.Tensor, A: torch.Tensor, z: torch.Tensor, written: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Delta-rule update of (A, z) from the memory tokens' layer outputs (B, M, d_model).
+
+        `written` (B,) marks the rows whose memory already holds something; the others use vbar = 0, gamma = 1.
+        """
+        k = dpfp(self.k_proj(memory_states).float(), self.nu)  # (B, M, d_key)
+        v = self.v_proj(memory_states).float()  # (B, M, d_model)
+        beta = torch.sigmoid(self.b_proj(memory_states).float())  # (B, M, 1)
+        was_written = written.view(-1, 1, 1)
+        denominator = (k @ z.unsqueeze(-1)) + self.eps  # (B, M, 1)
+        v_bar = torch.where(was_written, (k @ A) / denominator, 0.0)
+        if self.correction:
+            gamma = 1 - denominator / (k.square().sum(-1, keepdim=True) + self.eps)
+            gamma = torch.where(was_written, gamma.clamp(0, 1).detach(), 1.0)
+        else:
+            gamma = torch.ones_like(beta)
+        A = A + k.transpose(1, 2) @ (beta * (v - v_bar))  # (B, d_key, d_model)
+        z = z + (gamma * k).sum(1)  # (B, d_key)
+        return A, z
+
+
+class ARMTCacheLayer:
+    """Associative memory state of one layer: A (B, d_key, d_model) and z (B, d_key), float32."""
+
+    is_compileable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, A: torch.Tensor, z: torch.Tensor):
+        self.A = A
+        self.z = z
+
+    @property
+    def batch_size(self) -> int:
+        return self.A.shape[0]
+
+    def index_rows(self, rows: torch.Tensor) -> None:
+        self.A = self.A.index_select(0, rows.to(self.A.device))
+        self.z = self.z.index_select(0, rows.to(self.z.device))
+
+
+class ARMTCache(Cache):
+    """All recurrent state of an ARMT stream: per layer A and z (float32), the key/value cache of the current,
+    unfinished segment, how many tokens that segment holds, and how many tokens the stream has seen.
+
+    `get_seq_length()` is the total number of tokens seen, as `generate()` expects.
+    """
+
+    def __init__(self, config: ARMTConfig, batch_size: int, device: torch.device | str | None = None):
+        if batch_size < 1:
+            raise ValueError(f"ARMTCache batch_size must be >= 1, got {batch_size}.")
+        d_key, d_model = config.d_key, config.hidden_size
+        layers = [
+            ARMTCacheLayer(
+                torch.zeros(batch_size, d_key, d_model, device=device), torch.zeros(batch_size, d_key, device=device)
+            )
+            for _ in range(config.num_hidden_layers)
+        ]
+        super().__init__(layers=layers)
+        self.num_mem_tokens = config.num_mem_tokens
+        self.segment_size = config.segment_size
+        self.d_key = d_key
+        self.d_model = d_model
+        self.backbone_config = config.base_config
+        self.memory_written = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.seen_tokens = 0
+        self.segment_cache = DynamicCache(config=self.backbone_config)
+        self.segment_mask: torch.Tensor | None = None  # (B, tokens in segment) when any padding was seen
+
+    @property
+    def batch_size(self) -> int:
+        return self.memory_written.shape[0]
+
+    @property
+    def segment_length(self) -> int:
+        """Tokens of the current, unfinished segment."""
+        return self.seen_tokens % self.segment_size if self.seen_tokens else 0
+
+    @property
+    def any_written(self) -> bool:
+        return self.seen_tokens >= self.segment_size
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.segment_cache.get_mask_sizes(query_length, layer_idx)
+
+    def check_compatible(self, config: ARMTConfig, batch_size: int) -> None:
+        """Raise ValueError if this cache cannot continue a stream of a model with `config` and `batch_size` rows."""
+        expected = (config.num_hidden_layers, config.d_key, config.hidden_size, config.segment_size)
+        found = (len(self.layers), self.d_key, self.d_model, self.segment_size)
+        if expected != found or self.num_mem_tokens != config.num_mem_tokens:
+            raise ValueError(
+                f"This ARMTCache (layers, d_key, d_model, segment_size) = {found} was made for another model "
+                f"config, which expects {expected}. Create the cache with this model's config."
+            )
+        if batch_size != self.batch_size:
+            raise ValueError(
+                f"The cache holds {self.batch_size} rows but the input has {batch_size}; use one cache per batch "
+                "layout (or `cache.batch_select_indices` / `batch_repeat_interleave` to change it)."
+            )
+
+    def _finish_segment(self) -> None:
+        self.segment_cache = DynamicCache(config=self.backbone_config)
+        self.segment_mask = None
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.A.zero_()
+            layer.z.zero_()
+        self.memory_written.zero_()
+        self.seen_tokens = 0
+        self._finish_segment()
+
+    def _index_rows(self, rows: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.index_rows(rows)
+        self.memory_written = self.memory_written.index_select(0, rows.to(self.memory_written.device))
+        self.segment_cache.batch_select_indices(rows)
+        if self.segment_mask is not None:
+            self.segment_mask = self.segment_mask.index_select(0, rows.to(self.segment_mask.device))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder every row of state (memory, segment keys/values, masks) for beam search."""
+        self._index_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._index_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        device = self.memory_written.device
+        self._index_rows(torch.arange(self.batch_size, device=device).repeat_interleave(repeats))
+
+    def crop(self, max_length: int) -> None:
+        """Drop tokens of the current segment so that `max_length` tokens remain (negative: remove that many).
+        Tokens of finished segments are in the memory and cannot be removed."""
+        if max_length < 0:
+            max_length = self.seen_tokens + max_length
+        start = self.seen_tokens - self.segment_length
+        if max_length < start or max_length > self.seen_tokens:
+            raise ValueError(
+                f"Cannot crop the ARMTCache to {max_length} tokens: only tokens of the current segment "
+                f"({start}..{self.seen_tokens}) can be removed; earlier ones are already written into memory."
+            )
+        self.segment_cache.crop(max_length - start)
+        if self.segment_mask is not None:
+            self.segment_mask = self.segment_mask[:, : max_length - start]
+        self.seen_tokens = max_length
+
+
+@dataclass
+class _MemoryStep:
+    """What the layer hooks need during one backbone call."""
+
+    memory_layers: nn.ModuleList
+    A: list[torch.Tensor]
+    z: list[torch.Tensor]
+    written: torch.Tensor
+    read: bool  # any row holds memory
+    num_memory: int  # memory tokens at the end of this call (0 when the segment does not end here)
+    memory_positions: torch.Tensor | None  # (M, d_model) wrap_pos rows, else None
+    new_A: list[torch.Tensor | None]
+    new_z: list[torch.Tensor | None]
+
+
+_ACTIVE_STEP: contextvars.ContextVar[_MemoryStep | None] = contextvars.ContextVar("armt_active_step", default=None)
+
+
+def _memory_read_hook(layer_idx: int):
+    def hook(module, args, kwargs):
+        step = _ACTIVE_STEP.get()
+        if step is None or not step.read:
+            return None
+        read = step.memory_layers[layer_idx].read
+        if args:
+            return (read(args[0], step.A[layer_idx], step.z[layer_idx]),) + tuple(args[1:]), kwargs
+        kwargs["hidden_states"] = read(kwargs["hidden_states"], step.A[layer_idx], step.z[layer_idx])
+        return args, kwargs
+
+    return hook
+
+
+def _memory_write_hook(layer_idx: int):
+    def hook(module, args, kwargs, output):
+        step = _ACTIVE_STEP.get()
+        if step is None or not step.num_memory:
+            return None
+        hidden_states = output[0] if isinstance(output, tuple) else output
+        step.new_A[layer_idx], step.new_z[layer_idx] = step.memory_layers[layer_idx].write(
+            hidden_states[:, -step.num_memory :], step.A[layer_idx], step.z[layer_idx], step.written
+        )
+        return None
+
+    return hook
+
+
+def _position_rows_hook(module, args, output):
+    """wrap_pos: memory tokens take the extra learned position rows instead of the rows after the segment."""
+    step = _ACTIVE_STEP.get()
+    if step is None or step.memory_positions is None or not step.num_memory:
+        return None
+    num_memory = step.num_memory
+    rows = step.memory_positions.to(output.dtype).expand(output.shape[0], -1, -1)
+    return torch.cat([output[:, :-num_memory], rows], dim=1)
+
+
+def find_decoder_layers(backbone: PreTrainedModel) -> nn.ModuleList:
+    """The backbone's list of decoder layers: the outermost ModuleList with one entry per hidden layer."""
+    num_layers = backbone.config.num_hidden_layers
+    for _, module in backbone.base_model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(
+        f"Could not find the decoder layer list of {type(backbone).__name__}: no ModuleList of "
+        f"{num_layers} layers under its base model."
+    )
+
+
+class ARMTPreTrainedModel(PreTrainedModel):
+    config_class = ARMTConfig
+    base_model_prefix = "armt"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # ARMT builds its own ARMTCache in forward
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config.base_config, "initializer_range", 0.02)
+        if isinstance(module, ARMTMemoryLayer):
+            for proj in (module.q_proj, module.k_proj, module.b_proj):
+                proj.weight.normal_(0.0, std)
+            module.b_proj.bias.zero_()
+            module.v_proj.weight.zero_()
+        elif isinstance(module, ARMTForCausalLM):
+            word_std = module.backbone.get_input_embeddings().weight.float().std()
+            module.memory_embeddings.normal_(0.0, 1.0).mul_(word_std)
+            if module.memory_position_embeddings is not None:
+                module.memory_position_embeddings.normal_(0.0, std)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
+        # Checkpointing is per segment (the memory hooks must run inside the recomputation), not per backbone layer.
+        self.gradient_checkpointing = enable
+        self._gradient_checkpointing_func = gradient_checkpointing_func
+
+
+class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
+    """ARMT causal LM: `backbone` (a stock transformers causal LM) plus memory embeddings and per-layer memory."""
+
+    def __init__(self, config: ARMTConfig):
+        super().__init__(config)
+        self.backbone = AutoModelForCausalLM.from_config(config.base_config)
+        self.memory_embeddings = nn.Parameter(torch.zeros(config.num_mem_tokens, config.hidden_size))
+        self.memory_position_embeddings = (
+            nn.Parameter(torch.zeros(config.num_mem_tokens, config.hidden_size)) if config.wrap_pos else None
+        )
+        self.memory_layers = nn.ModuleList(ARMTMemoryLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+        for idx, layer in enumerate(find_decoder_layers(self.backbone)):
+            layer.register_forward_pre_hook(_memory_read_hook(idx), with_kwargs=True)
+            layer.register_forward_hook(_memory_write_hook(idx), with_kwargs=True)
+        if config.wrap_pos:
+            self.backbone.base_model.wpe.register_forward_hook(_position_rows_hook)
+        self.post_init()
+
+    @classmethod
+    def from_backbone(cls, backbone: PreTrainedModel | str, **armt_kwargs) -> "ARMTForCausalLM":
+        """A fresh ARMT around a pretrained backbone (a causal LM or its path / Hub id); W_v = 0, so it starts out
+        computing exactly what the backbone computes on one segment."""
+        if isinstance(backbone, str):
+            backbone = AutoModelForCausalLM.from_pretrained(backbone)
+        model = cls(ARMTConfig(base_config=backbone.config, **armt_kwargs))
+        model.backbone.load_state_dict(backbone.state_dict())
+        model.to(backbone.dtype)
+        return model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_output_embeddings(value)
+
+    def new_cache(self, batch_size: int) -> ARMTCache:
+        """An empty ARMTCache for `batch_size` independent streams on this model's device."""
+        return ARMTCache(self.config, batch_size, device=self.memory_embeddings.device)
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length: int) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if len(shape) != 2 or shape[1] == 0 or shape[0] == 0:
+            raise ValueError(f"The input must be (batch, length) with both > 0, got shape {tuple(shape)}.")
+        if input_ids is not None:
+            vocab_size = self.get_input_embeddings().num_embeddings
+            if input_ids.min() < 0 or input_ids.max() >= vocab_size:
+                raise ValueError(
+                    f"input_ids must lie in [0, {vocab_size}) (the embedding table's size); got values in "
+                    f"[{int(input_ids.min())}, {int(input_ids.max())}]."
+                )
+        if attention_mask is not None and tuple(attention_mask.shape) != (shape[0], past_length + shape[1]):
+            raise ValueError(
+                f"attention_mask must have shape (batch, cached + new tokens) = {(shape[0], past_length + shape[1])}, "
+                f"got {tuple(attention_mask.shape)}."
+            )
+
+    def _run_backbone(
+        self,
+        embeds: torch.Tensor,
+        cache: ARMTCache,
+        attention_mask: torch.Tensor | None,
+        segment_cache: DynamicCache | None,
+        write: bool,
+        keep: torch.Tensor | None,
+        A: list[torch.Tensor],
+        z: list[torch.Tensor],
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
+        """One backbone call over a piece of a segment (plus the memory tokens when `write`), with memory read in
+        every layer; returns the logits at the positions `keep` and the memory state after the call."""
+        num_memory = self.config.num_mem_tokens if write else 0
+        if write:
+            memory = self.memory_embeddings.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
+            embeds = torch.cat([embeds, memory], dim=1)
+        step = _MemoryStep(
+            memory_layers=self.memory_layers,
+            A=A,
+            z=z,
+            written=cache.memory_written,
+            read=cache.any_written,
+            num_memory=num_memory,
+            memory_positions=self.memory_position_embeddings,
+            new_A=list(A),
+            new_z=list(z),
+        )
+        token = _ACTIVE_STEP.set(step)
+        try:
+            outputs = self.backbone(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                cache=segment_cache,
+                use_cache=segment_cache is not None,
+                logits_to_keep=keep if keep is not None else torch.empty(0, dtype=torch.long, device=embeds.device),
+            )
+        finally:
+            _ACTIVE_STEP.reset(token)
+        logits = outputs.logits if keep is not None else None
+        return logits, step.new_A, step.new_z
+
+    def _checkpointed_segment(self, embeds, cache, attention_mask, keep, A, z):
+        """A whole segment with its memory write under gradient checkpointing (the hooks run again on recompute)."""
+        num_layers = len(A)
+
+        def run(embeds, *state):
+            logits, new_A, new_z = self._run_backbone(
+                embeds, cache, attention_mask, None, True, keep, list(state[:num_layers]), list(state[num_layers:])
+            )
+            return (logits, *new_A, *new_z)
+
+        outputs = self._gradient_checkpointing_func(run, embeds, *A, *z, use_reentrant=False)
+        return outputs[0], list(outputs[1 : 1 + num_layers]), list(outputs[1 + num_layers :])
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: ARMTCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: ARMTCache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        Reads `input_ids` (or `inputs_embeds`) of any length in segments, continuing the stream held in `cache`
+        (a new one when None). Positions are ARMT's own (restarting every segment): `position_ids` is accepted for
+        compatibility with `generate()` and ignored. `attention_mask` covers cached + new tokens, as in transformers.
+        `logits_to_keep` (int: the last n positions, 0 for all; or a 1D tensor of positions) bounds the logits built.
+        With `labels`, returns the mean shifted cross-entropy (-100 ignored).
+        """
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("Pass the ARMT cache as `cache` or `past_key_values`, not both.")
+            cache = past_key_values
+        if cache is not None and not isinstance(cache, ARMTCache):
+            raise ValueError(f"ARMTForCausalLM needs an ARMTCache (model.new_cache(batch)), got {type(cache).__name__}.")
+        past_length = cache.seen_tokens if cache is not None else 0
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        batch_size, length = inputs_embeds.shape[:2]
+        if cache is None:
+            cache = self.new_cache(batch_size)
+        else:
+            cache.check_compatible(self.config, batch_size)
+        if use_cache is None:
+            use_cache = not self.training
+        if labels is not None and logits_to_keep is not None and not (
+            isinstance(logits_to_keep, int) and logits_to_keep == 0
+        ):
+            raise ValueError("`labels` need the logits of every position: leave `logits_to_keep` at 0.")
+
+        keep_mask = torch.zeros(length, dtype=torch.bool, device=inputs_embeds.device)
+        if isinstance(logits_to_keep, int):
+            keep_mask[-logits_to_keep if logits_to_keep else 0 :] = True
+        else:
+            keep_mask[logits_to_keep.to(keep_mask.device)] = True
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -length:]
+            if bool(attention_mask.all()) and cache.segment_mask is None:
+                attention_mask = None
+
+        A = [layer.A for layer in cache.layers]
+        z = [layer.z for layer in cache.layers]
+        logits_pieces = []
+        start = 0
+        while start < length:
+            in_segment = cache.segment_length
+            end = min(length, start + self.config.segment_size - in_segment)
+            write = in_segment + end - start == self.config.segment_size
+            positions = keep_mask[start:end].nonzero().squeeze(-1)
+            keep = positions if positions.numel() else None
+            piece_mask = self._segment_attention_mask(cache, attention_mask, start, end, write)
+            segment_cache = cache.segment_cache if (in_segment or (use_cache and not write)) else None
+            if self.gradient_checkpointing and self.training and segment_cache is None and write:
+                logits, A, z = self._checkpointed_segment(inputs_embeds[:, start:end], cache, piece_mask, keep, A, z)
+            else:
+                logits, A, z = self._run_backbone(
+                    inputs_embeds[:, start:end], cache, piece_mask, segment_cache, write, keep, A, z
+                )
+            if logits is not None:
+                logits_pieces.append(logits)
+            cache.seen_tokens += end - start
+            if write:
+                cache.memory_written = torch.ones_like(cache.memory_written)
+                cache._finish_segment()
+            elif attention_mask is not None or cache.segment_mask is not None:
+                chunk_mask = self._chunk_mask(attention_mask, start, end, batch_size, inputs_embeds.device)
+                cache.segment_mask = (
+                    chunk_mask if cache.segment_mask is None else torch.cat([cache.segment_mask, chunk_mask], dim=1)
+                )
+            start = end
+        for layer, layer_A, layer_z in zip(cache.layers, A, z):
+            layer.A, layer.z = layer_A, layer_z
+
+        logits = torch.cat(logits_pieces, dim=1)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    @staticmethod
+    def _chunk_mask(attention_mask, start, end, batch_size, device) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.ones(batch_size, end - start, dtype=torch.long, device=device)
+        return attention_mask[:, start:end].long()
+
+    def _segment_attention_mask(self, cache, attention_mask, start, end, write) -> torch.Tensor | None:
+        """2D mask for one backbone call: the segment's cached tokens, this piece, and the memory tokens."""
+        if attention_mask is None and cache.segment_mask is None:
+            return None
+        batch_size = cache.batch_size
+        device = cache.memory_written.device
+        parts = [] if cache.segment_mask is None else [cache.segment_mask]
+        if cache.segment_mask is None and cache.segment_length:
+            parts.append(torch.ones(batch_size, cache.segment_length, dtype=torch.long, device=device))
+        parts.append(self._chunk_mask(attention_mask, start, end, batch_size, device))
+        if write:
+            parts.append(torch.ones(batch_size, self.config.num_mem_tokens, dtype=torch.long, device=device))
+        return torch.cat(parts, dim=1)
+
+
+ARMTConfig.register_for_auto_class()
+ARMTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AutoConfig.register("armt", ARMTConfig, exist_ok=True)
+AutoModelForCausalLM.register(ARMTConfig, ARMTForCausalLM, exist_ok=True)
+
+__all__ = ["ARMTCache", "ARMTForCausalLM", "ARMTPreTrainedModel"]

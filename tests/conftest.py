@@ -1,0 +1,54 @@
+"""Shared helpers: tiny backbone configs for each tested family and the reference fixtures' location."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED = ROOT.parent / "shared"
+FIXTURES = SHARED / "fixtures" / "reference-armt"
+
+TINY_BACKBONES = {
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=61),
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=61, max_position_embeddings=128),
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=61, max_position_embeddings=128),
+    "mistral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=61, max_position_embeddings=128, sliding_window=None),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=61, max_position_embeddings=128),
+}
+FAMILIES = list(TINY_BACKBONES)
+
+
+def tiny_backbone_config(family: str = "gpt2", **overrides):
+    return AutoConfig.for_model(family, **{**TINY_BACKBONES[family], **overrides})
+
+
+def tiny_armt(family: str = "gpt2", seed: int = 0, random_memory: bool = True, **armt_kwargs):
+    """A tiny ARMT in eval mode; with `random_memory`, W_v gets random values so that memory reads matter."""
+    from configuration_armt import ARMTConfig
+    from modeling_armt import ARMTForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(num_mem_tokens=3, d_mem=8, segment_size=8)
+    kwargs.update(armt_kwargs)
+    model = ARMTForCausalLM(ARMTConfig(base_config=tiny_backbone_config(family), **kwargs))
+    if random_memory:
+        with torch.no_grad():
+            for layer in model.memory_layers:
+                layer.v_proj.weight.normal_(0, 0.3)
+    return model.eval()
+
+
+def fixture_cases() -> list[str]:
+    return sorted(p.name for p in FIXTURES.iterdir() if (p / "case.json").exists()) if FIXTURES.exists() else []
+
+
+needs_shared = pytest.mark.skipif(not FIXTURES.exists(), reason="../shared/fixtures is not present")

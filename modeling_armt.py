@@ -463,9 +463,8 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             raise ValueError(f"ARMTForCausalLM needs an ARMTCache (model.new_cache(batch)), got {type(cache).__name__}.")
         past_length = cache.seen_tokens if cache is not None else 0
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        batch_size, length = inputs_embeds.shape[:2]
+        batch_size, length = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        device = self.memory_embeddings.device
         if cache is None:
             cache = self.new_cache(batch_size)
         else:
@@ -477,7 +476,7 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
         ):
             raise ValueError("`labels` need the logits of every position: leave `logits_to_keep` at 0.")
 
-        keep_mask = torch.zeros(length, dtype=torch.bool, device=inputs_embeds.device)
+        keep_mask = torch.zeros(length, dtype=torch.bool, device=device)
         if isinstance(logits_to_keep, int):
             keep_mask[-logits_to_keep if logits_to_keep else 0 :] = True
         else:
@@ -499,12 +498,14 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             keep = positions if positions.numel() else None
             piece_mask = self._segment_attention_mask(cache, attention_mask, start, end, write)
             segment_cache = cache.segment_cache if (in_segment or (use_cache and not write)) else None
+            # Embed piece by piece: a long input never has all its embeddings in memory at once.
+            embeds = self.get_input_embeddings()(input_ids[:, start:end]) if inputs_embeds is None else (
+                inputs_embeds[:, start:end]
+            )
             if self.gradient_checkpointing and self.training and segment_cache is None and write:
-                logits, A, z = self._checkpointed_segment(inputs_embeds[:, start:end], cache, piece_mask, keep, A, z)
+                logits, A, z = self._checkpointed_segment(embeds, cache, piece_mask, keep, A, z)
             else:
-                logits, A, z = self._run_backbone(
-                    inputs_embeds[:, start:end], cache, piece_mask, segment_cache, write, keep, A, z
-                )
+                logits, A, z = self._run_backbone(embeds, cache, piece_mask, segment_cache, write, keep, A, z)
             if logits is not None:
                 logits_pieces.append(logits)
             cache.seen_tokens += end - start
@@ -512,7 +513,7 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
                 cache.memory_written = torch.ones_like(cache.memory_written)
                 cache._finish_segment()
             elif attention_mask is not None or cache.segment_mask is not None:
-                chunk_mask = self._chunk_mask(attention_mask, start, end, batch_size, inputs_embeds.device)
+                chunk_mask = self._chunk_mask(attention_mask, start, end, batch_size, device)
                 cache.segment_mask = (
                     chunk_mask if cache.segment_mask is None else torch.cat([cache.segment_mask, chunk_mask], dim=1)
                 )

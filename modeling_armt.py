@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
@@ -297,17 +298,20 @@ class ARMTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        # All ARMT parameters are initialised from the top-level module: transformers skips parameter-less containers
+        # of custom code. The guarded `init` functions leave loaded parameters alone.
+        if not isinstance(module, ARMTForCausalLM):
+            return
         std = getattr(self.config.base_config, "initializer_range", 0.02)
-        if isinstance(module, ARMTMemoryLayer):
-            for proj in (module.q_proj, module.k_proj, module.b_proj):
-                proj.weight.normal_(0.0, std)
-            module.b_proj.bias.zero_()
-            module.v_proj.weight.zero_()
-        elif isinstance(module, ARMTForCausalLM):
-            word_std = module.backbone.get_input_embeddings().weight.float().std()
-            module.memory_embeddings.normal_(0.0, 1.0).mul_(word_std)
-            if module.memory_position_embeddings is not None:
-                module.memory_position_embeddings.normal_(0.0, std)
+        word_std = module.backbone.get_input_embeddings().weight.float().std().item()
+        init.normal_(module.memory_embeddings, 0.0, word_std)
+        if module.memory_position_embeddings is not None:
+            init.normal_(module.memory_position_embeddings, 0.0, std)
+        for layer in module.memory_layers:
+            for proj in (layer.q_proj, layer.k_proj, layer.b_proj):
+                init.normal_(proj.weight, 0.0, std)
+            init.zeros_(layer.b_proj.bias)
+            init.zeros_(layer.v_proj.weight)  # a fresh ARMT starts out exactly as its backbone
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
         # Checkpointing is per segment (the memory hooks must run inside the recomputation), not per backbone layer.
@@ -383,7 +387,7 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
     def _run_backbone(
         self,
         embeds: torch.Tensor,
-        cache: ARMTCache,
+        written: torch.Tensor,
         attention_mask: torch.Tensor | None,
         segment_cache: DynamicCache | None,
         write: bool,
@@ -401,8 +405,8 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             memory_layers=self.memory_layers,
             A=A,
             z=z,
-            written=cache.memory_written,
-            read=cache.any_written,
+            written=written,
+            read=bool(written.any()),
             num_memory=num_memory,
             memory_positions=self.memory_position_embeddings,
             new_A=list(A),
@@ -422,13 +426,13 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
         logits = outputs.logits if keep is not None else None
         return logits, step.new_A, step.new_z
 
-    def _checkpointed_segment(self, embeds, cache, attention_mask, keep, A, z):
+    def _checkpointed_segment(self, embeds, written, attention_mask, keep, A, z):
         """A whole segment with its memory write under gradient checkpointing (the hooks run again on recompute)."""
         num_layers = len(A)
 
         def run(embeds, *state):
             logits, new_A, new_z = self._run_backbone(
-                embeds, cache, attention_mask, None, True, keep, list(state[:num_layers]), list(state[num_layers:])
+                embeds, written, attention_mask, None, True, keep, list(state[:num_layers]), list(state[num_layers:])
             )
             return (logits, *new_A, *new_z)
 
@@ -503,9 +507,11 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
                 inputs_embeds[:, start:end]
             )
             if self.gradient_checkpointing and self.training and segment_cache is None and write:
-                logits, A, z = self._checkpointed_segment(embeds, cache, piece_mask, keep, A, z)
+                logits, A, z = self._checkpointed_segment(embeds, cache.memory_written, piece_mask, keep, A, z)
             else:
-                logits, A, z = self._run_backbone(embeds, cache, piece_mask, segment_cache, write, keep, A, z)
+                logits, A, z = self._run_backbone(
+                    embeds, cache.memory_written, piece_mask, segment_cache, write, keep, A, z
+                )
             if logits is not None:
                 logits_pieces.append(logits)
             cache.seen_tokens += end - start

@@ -32,7 +32,8 @@ def tiny_backbone_config(family: str = "gpt2", **overrides):
 
 
 def tiny_armt(family: str = "gpt2", seed: int = 0, random_memory: bool = True, **armt_kwargs):
-    """A tiny ARMT in eval mode; with `random_memory`, W_v gets random values so that memory reads matter."""
+    """A tiny ARMT in eval mode; with `random_memory`, the memory parameters get trained-looking random values
+    (W_v is zero in a fresh model) so that memory reads change the outputs."""
     from configuration_armt import ARMTConfig
     from modeling_armt import ARMTForCausalLM
 
@@ -42,8 +43,10 @@ def tiny_armt(family: str = "gpt2", seed: int = 0, random_memory: bool = True, *
     model = ARMTForCausalLM(ARMTConfig(base_config=tiny_backbone_config(family), **kwargs))
     if random_memory:
         with torch.no_grad():
+            model.memory_embeddings.normal_(0, 1)
             for layer in model.memory_layers:
-                layer.v_proj.weight.normal_(0, 0.3)
+                for proj in (layer.q_proj, layer.k_proj, layer.v_proj):
+                    proj.weight.normal_(0, 0.3)
     return model.eval()
 
 

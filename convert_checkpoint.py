@@ -1,30 +1,59 @@
-"""Convert a research ARMT checkpoint into a self-contained folder that loads with
-`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
+"""Convert an ARMT research checkpoint or an ARMT Hub folder of the authors' remote code into a self-contained folder
+that loads with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 
-The research layout (RodkinIvan/associative-recurrent-memory-transformer, and the irodkin/armt_babilong_* files):
-`memory_cell.memory`, `memory_cell.model.<layers>.N.W_m{q,k,v,b}.*`, `memory_cell.model.<layers>.N.layer.<stock>`,
-every other backbone key under `memory_cell.model.`, and `memory_cell.layers.N.*` aliases (dropped).
+Source layouts (detected from the keys, or forced with --source-format):
+  research    the research wrapper's state dict (RodkinIvan/associative-recurrent-memory-transformer, and the
+              irodkin/armt_babilong_* files): `memory_cell.memory`, `memory_cell.model.<layers>.N.W_m{q,k,v,b}.*`,
+              `memory_cell.model.<layers>.N.layer.<stock>`, every other backbone key under `memory_cell.model.`, and
+              `memory_cell.layers.N.*` aliases (dropped; used when the canonical key is absent).
+  outer-loop  a Hub folder of the authors' `ARMTForCausalLM`: the research keys with an `armt.` prefix.
+  inner-loop  a Hub folder of the authors' `InnerLoopARMTForCausalLM`: `memory`, `model.<layers>.N.W_m{q,k,v,b}.*`,
+              `model.<layers>.N.layer.<stock>`, every other backbone key under `model.`.
+
+Hyper-parameters: a flag beats the source's config.json, which beats what the weights show (num_mem_tokens, d_mem,
+wrap_pos); segment_size must come from a flag or the config. The backbone config comes from --base-config (a JSON
+file, a folder, or a Hub id) or from the source config's `base_model_config` / `base_model_name`.
+
+Example (a published research checkpoint, GPT-2 backbone):
+  python convert_checkpoint.py --checkpoint armt_babilong_qa1/pytorch_model.bin --base-config gpt2 \\
+      --num-mem-tokens 10 --d-mem 64 --segment-size 512 --tokenizer gpt2 --output armt-gpt2-babilong-qa1
 """
 
 import argparse
+import contextlib
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from configuration_armt import ARMTConfig
+from configuration_armt import LEARNED_POSITION_FIELDS, ARMTConfig
 from modeling_armt import ARMTForCausalLM, find_decoder_layers
 
+logger = logging.getLogger("convert_checkpoint")
+
 MEMORY_PROJECTIONS = {"W_mq": "q_proj", "W_mk": "k_proj", "W_mv": "v_proj", "W_mb": "b_proj"}
+SOURCE_FORMATS = ("research", "outer-loop", "inner-loop")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Weight files looked for in a source folder, in order of preference.
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Config fields of the authors' ARMTConfig that, when set, describe behaviour this project does not implement.
+QK_NORM_FIELDS = ("use_qk_norm", "qk_norm", "normalize_keys")
+L2_CODE_PATTERN = re.compile(r"normalize\(\s*m[qk]\b")
 
 
 class ConversionError(ValueError):
-    """The checkpoint does not fit the requested model; nothing was written."""
+    """The checkpoint cannot be converted as asked; nothing was written."""
 
 
 def _key_list(keys, limit: int = 8) -> str:
@@ -33,31 +62,182 @@ def _key_list(keys, limit: int = 8) -> str:
     return f"{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else f' ({len(keys)})'}"
 
 
+# --------------------------------------------------------------------------------------------------- reading the source
+
+
+@dataclass
+class Source:
+    """A checkpoint as read from disk: its tensors, the files they came from, and its config.json when it has one."""
+
+    state: dict[str, torch.Tensor]
+    files: list[Path]
+    config: dict | None = None
+    config_path: Path | None = None
+    folder: Path | None = None
+    code_files: list[Path] = field(default_factory=list)
+
+
+def _unwrap_state(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    for wrapper in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{path} does not hold a state dict of tensors.")
+    return state
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .bin/.pt pickle (loaded with weights_only=True: nothing in it is executed) or .safetensors."""
+    """Tensors of a .bin/.pt pickle (loaded with weights_only=True: nothing in it is executed), a .safetensors file,
+    or a shard index (`*.index.json`)."""
+    path = Path(path)
+    if path.name.endswith(".index.json"):
+        return _load_sharded(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            return _unwrap_state(load_file(path), path)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except ConversionError:
+        raise
     except Exception as error:  # truncated or foreign files raise many different errors
-        raise ConversionError(f"Could not read the checkpoint {path}: {error}") from error
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConversionError(f"{path} does not hold a state dict of tensors.")
+        hint = ""
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            hint = " It holds Python objects besides tensors, which are refused (nothing was executed)."
+        raise ConversionError(f"Could not read the checkpoint {path}: {error}.{hint}") from error
+    return _unwrap_state(state, path)
+
+
+def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConversionError(f"{index_path} is not a shard index with a `weight_map`: {error}") from error
+    shards = sorted(set(weight_map.values()))
+    missing = [name for name in shards if not (index_path.parent / name).is_file()]
+    if missing:
+        raise ConversionError(f"Shards listed in {index_path} are missing: {_key_list(missing)}")
+    state: dict[str, torch.Tensor] = {}
+    for name in _progress(shards, "Reading shards"):
+        state.update(load_state_dict(index_path.parent / name))
+    absent = [key for key in weight_map if key not in state]
+    if absent:
+        raise ConversionError(f"Keys listed in {index_path} are in none of its shards: {_key_list(absent)}")
     return state
+
+
+def _progress(items: list, desc: str):
+    if len(items) < 2:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="file")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"Could not read the {what} {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise ConversionError(f"The {what} {path} is not a JSON object.")
+    return data
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if path.name.endswith(".index.json"):
+        weight_map = _read_json(path, "shard index").get("weight_map", {})
+        return [path.parent / name for name in sorted(set(weight_map.values()))]
+    return [path]
+
+
+def read_source(path: Path, source_config: Path | None = None) -> Source:
+    """Read a checkpoint file, shard index or folder, with its config.json (the folder's, or one beside the file)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"The checkpoint {path} does not exist.")
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+        if not found:
+            found = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+            if len(found) != 1:
+                raise ConversionError(
+                    f"{path} holds no single weights file (looked for {', '.join(WEIGHT_FILES)}, then one "
+                    f"*.safetensors/*.bin/*.pt); pass the file or the shard index as --checkpoint."
+                )
+        path = found[0]
+    config_path = source_config or (folder / "config.json" if (folder / "config.json").is_file() else None)
+    config = _read_json(Path(config_path), "source config") if config_path else None
+    code_files = []
+    if is_armt_config(config) and not source_config:  # the authors' remote code, saved beside its config
+        code_files = sorted([*folder.glob("*.py"), *folder.glob("*/*.py")])[:100]
+    return Source(
+        state=load_state_dict(path),
+        files=_weight_files(path),
+        config=config,
+        config_path=Path(config_path) if config_path else None,
+        folder=folder,
+        code_files=code_files,
+    )
+
+
+def is_armt_config(config: dict | None) -> bool:
+    return bool(config) and (config.get("model_type") == "armt" or "num_mem_tokens" in config)
+
+
+# ------------------------------------------------------------------------------------------------ layouts and mapping
+
+
+def detect_format(keys) -> str:
+    """research / outer-loop / inner-loop, from the keys of a state dict."""
+    keys = list(keys)
+    if any(k.startswith("armt.memory_cell.") for k in keys):
+        return "outer-loop"
+    if any(k.startswith("memory_cell.") for k in keys):
+        return "research"
+    if "memory" in keys and any(k.startswith("model.") and ".W_mq." in k for k in keys):
+        return "inner-loop"
+    raise ConversionError(
+        f"Cannot tell the checkpoint's layout from its keys ({_key_list(keys, limit=5)}). Known layouts: research "
+        "(`memory_cell.memory`, `memory_cell.model...`), outer-loop Hub (`armt.memory_cell...`), inner-loop Hub "
+        "(`memory`, `model...W_mq.weight`). If it is one of them, pass --source-format."
+    )
+
+
+def to_research_layout(state: dict[str, torch.Tensor], source_format: str) -> dict[str, torch.Tensor]:
+    """Rename an outer-loop or inner-loop Hub state dict to the research layout (tensors are not copied)."""
+    if source_format == "research":
+        return dict(state)
+    mapped, unknown = {}, []
+    for key, tensor in state.items():
+        if source_format == "outer-loop":
+            if key.startswith("armt.memory_cell."):
+                mapped[key[len("armt.") :]] = tensor
+            else:
+                unknown.append(key)
+        elif source_format == "inner-loop":
+            if key in ("memory", "sink"):
+                mapped[f"memory_cell.{key}"] = tensor
+            elif key.startswith("model."):
+                mapped[f"memory_cell.{key}"] = tensor
+            else:
+                unknown.append(key)
+        else:
+            raise ConversionError(f"Unknown source format {source_format!r}; use one of {', '.join(SOURCE_FORMATS)}.")
+    if unknown:
+        raise ConversionError(f"Keys outside the {source_format} layout: {_key_list(unknown)}")
+    return mapped
 
 
 def map_research_state_dict(state: dict[str, torch.Tensor], model: ARMTForCausalLM) -> dict[str, torch.Tensor]:
     """Rename research-layout keys to this model's keys (backbone keys stay stock, under `backbone.`)."""
     layers_prefix = _layers_prefix(model)
     layer_re = re.compile(rf"^memory_cell\.model\.{re.escape(layers_prefix)}\.(\d+)\.(.+)$")
+    state = _resolve_aliases(state, layers_prefix)
     mapped, unknown = {}, []
     for key, tensor in state.items():
-        if key.startswith("memory_cell.layers."):
-            continue  # aliases of memory_cell.model.<layers>.N.*
         if key == "memory_cell.memory":
             mapped["memory_embeddings"] = tensor
             continue
@@ -82,22 +262,44 @@ def map_research_state_dict(state: dict[str, torch.Tensor], model: ARMTForCausal
     return mapped
 
 
+def _resolve_aliases(state: dict[str, torch.Tensor], layers_prefix: str) -> dict[str, torch.Tensor]:
+    """Drop `memory_cell.layers.N.*` aliases; one stands in for its `memory_cell.model.<layers>.N.*` key when that
+    is absent (a Hub save may have kept either name of a shared tensor)."""
+    resolved, differ = {}, []
+    for key, tensor in state.items():
+        if not key.startswith("memory_cell.layers."):
+            resolved.setdefault(key, tensor)
+            continue
+        canonical = f"memory_cell.model.{layers_prefix}." + key[len("memory_cell.layers.") :]
+        if canonical not in state:
+            resolved[canonical] = tensor
+        elif state[canonical].shape != tensor.shape or not torch.equal(state[canonical], tensor):
+            differ.append(key)
+    if differ:
+        raise ConversionError(f"Alias keys disagree with the keys they repeat: {_key_list(differ)}")
+    return resolved
+
+
 def _layers_prefix(model: ARMTForCausalLM) -> str:
     layers = find_decoder_layers(model.backbone)
     return next(name for name, module in model.backbone.named_modules() if module is layers)
 
 
+def _position_table_key(model: ARMTForCausalLM) -> str:
+    return next(name for name, _ in model.named_parameters() if name.endswith(".wpe.weight"))
+
+
 def _split_position_table(mapped: dict[str, torch.Tensor], model: ARMTForCausalLM) -> None:
     """wrap_pos: the research position table has num_mem_tokens extra rows; they become memory_position_embeddings."""
-    key = next(name for name, _ in model.named_parameters() if name.endswith(".wpe.weight"))
+    key = _position_table_key(model)
     table = mapped.get(key)
     stock_rows = model.get_parameter(key).shape[0]
     expected = stock_rows + model.config.num_mem_tokens
     if table is None or table.shape[0] != expected:
         found = None if table is None else tuple(table.shape)
         raise ConversionError(f"wrap_pos expects {key} with {expected} rows (n_positions + num_mem_tokens), got {found}.")
-    mapped[key] = table[:stock_rows].clone()
-    mapped["memory_position_embeddings"] = table[stock_rows:].clone()
+    mapped[key] = table[:stock_rows]
+    mapped["memory_position_embeddings"] = table[stock_rows:]
 
 
 def check_state_dict(mapped: dict[str, torch.Tensor], model: ARMTForCausalLM) -> None:
@@ -119,36 +321,281 @@ def check_state_dict(mapped: dict[str, torch.Tensor], model: ARMTForCausalLM) ->
     if wrong:
         problems.append(f"shape mismatches: {_key_list(wrong, limit=4)}")
     if problems:
-        raise ConversionError("The checkpoint does not match the ARMT config: " + "; ".join(problems))
+        raise ConversionError(
+            "The checkpoint does not match the ARMT config: " + "; ".join(problems) + ". Check the backbone config "
+            "and --num-mem-tokens / --d-mem / --wrap-pos against the checkpoint."
+        )
 
 
-def build_model(state: dict[str, torch.Tensor], config: ARMTConfig) -> ARMTForCausalLM:
-    model = ARMTForCausalLM(config)
+# ----------------------------------------------------------------------------------------------- unsupported options
+
+
+def find_unsupported(config: dict | None, state: dict[str, torch.Tensor], code_files: list[Path] = ()) -> list[str]:
+    """Options of the source (in its config, its weights or its remote code) that this project does not implement.
+
+    `state` is in the research layout."""
+    config = config if is_armt_config(config) else {}
+    found = []
+
+    def flag(name: str, description: str, in_use=bool) -> None:
+        value = config.get(name)
+        if value is not None and in_use(value):
+            found.append(f"{name}={value!r} ({description})")
+
+    flag("act_on", "ACT, adaptive computation time")
+    flag("use_sink", "a sink token")
+    flag("sliding_window", "a sliding window over the previous segment")
+    flag("attend_to_previous_input", "attention to the previous segment's input")
+    flag("n_heads", "several memory heads", lambda v: v != 1)
+    flag("gating", "vector gating of memory writes")
+    flag("use_denom", "memory reads without the normalising denominator", lambda v: v is False)
+    flag("segment_alignment", "segments aligned other than left", lambda v: v != "left")
+    for name in QK_NORM_FIELDS:
+        flag(name, "L2-normalised keys and queries")
+    if not any(name in config for name in QK_NORM_FIELDS):
+        for path in code_files:
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            if L2_CODE_PATTERN.search(text):
+                found.append(f"L2-normalised keys and queries (its code {path.name} calls F.normalize on them)")
+                break
+
+    if "memory_cell.sink" in state and not config.get("use_sink"):
+        found.append("a sink token (the weights hold `sink`)")
+    layer_re = re.compile(r"^memory_cell\.(?:model\..+|layers)\.(\d+)\.(W_mb\.weight|act\..+)$")
+    for key, tensor in state.items():
+        match = layer_re.match(key)
+        if not match:
+            continue
+        if match.group(2).startswith("act."):
+            if not config.get("act_on"):
+                found.append(f"ACT, adaptive computation time (the weights hold {key})")
+        elif tensor.shape[0] > 1 and not config.get("gating") and config.get("n_heads", 1) == 1:
+            rows, width = tensor.shape[0], tensor.shape[-1]
+            what = "vector gating of memory writes" if rows == width else f"{rows} memory heads"
+            found.append(f"{what} (the weights hold {key} of shape {tuple(tensor.shape)})")
+        else:
+            continue
+        break  # one weight-based finding per kind is enough
+    return list(dict.fromkeys(found))
+
+
+# ------------------------------------------------------------------------------------------- configs and hyper-parameters
+
+
+def load_backbone_config(spec: str | dict) -> dict:
+    """A backbone config as a dict: from a dict, a config JSON file, a folder with config.json, or a Hub id."""
+    if isinstance(spec, dict):
+        config = dict(spec)
+    else:
+        path = Path(spec)
+        if path.is_file():
+            config = _read_json(path, "backbone config")
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ConversionError(f"The backbone folder {path} has no config.json.")
+            config = _read_json(path / "config.json", "backbone config")
+        else:
+            from transformers import AutoConfig
+
+            try:
+                config = AutoConfig.from_pretrained(str(spec)).to_dict()
+            except Exception as error:  # offline, unknown id, gated repo, ...
+                raise ConversionError(
+                    f"Could not get the backbone config {spec!r} (not a local file or folder, and the Hub lookup "
+                    f"failed: {type(error).__name__}: {error}). Pass --base-config with a local config.json."
+                ) from error
+    if config.get("model_type") == "armt":  # an ARMT config: take the backbone inside it
+        inner = config.get("base_config") or config.get("base_model_config") or config.get("base_model_name")
+        if inner is None:
+            raise ConversionError(f"The ARMT config {spec!r} names no backbone; pass the backbone's own config.")
+        return load_backbone_config(inner)
+    if "model_type" not in config:
+        raise ConversionError(f"The backbone config {spec!r} has no `model_type`; add the backbone's model type.")
+    for key in ("architectures", "_name_or_path", "transformers_version", "auto_map"):
+        config.pop(key, None)
+    return config
+
+
+def resolve_backbone(base_config: str | None, source: Source) -> tuple[dict, str | None]:
+    """(backbone config dict, its Hub id or path when known) from --base-config or the source's config."""
+    if base_config is not None:
+        return load_backbone_config(base_config), base_config
+    config = source.config or {}
+    if is_armt_config(config):
+        if config.get("base_model_config"):
+            spec = config["base_model_config"]
+            return load_backbone_config(spec), spec if isinstance(spec, str) else config.get("base_model_name")
+        if config.get("base_model_name"):
+            return load_backbone_config(config["base_model_name"]), config["base_model_name"]
+    elif config.get("model_type"):  # a plain backbone config.json beside the checkpoint
+        return load_backbone_config(config), None
+    raise ConversionError(
+        "No backbone config: the source has no config.json naming one (`base_model_config` / `base_model_name`). "
+        "Pass --base-config with a config JSON, a folder or a Hub id (gpt2 for the irodkin/armt_babilong_* files)."
+    )
+
+
+def _source_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    counts = Counter()
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] += tensor.numel()
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def resolve_hyperparameters(
+    args: argparse.Namespace, source_config: dict | None, state: dict[str, torch.Tensor], backbone: dict
+) -> tuple[dict, dict]:
+    """ARMT hyper-parameters and where each came from ("flag", "config", "weights", "default").
+
+    A flag beats the source config, which beats what the research-layout `state` shows."""
+    config = source_config if is_armt_config(source_config) else {}
+    values, origin = {}, {}
+    flags = {
+        "num_mem_tokens": args.num_mem_tokens,
+        "d_mem": args.d_mem,
+        "segment_size": args.segment_size,
+        "dpfp_nu": args.dpfp_nu,
+        "wrap_pos": args.wrap_pos,
+        "correction": args.correction,
+    }
+    memory = state.get("memory_cell.memory")
+    w_mq = next((t for k, t in state.items() if k.endswith(".W_mq.weight")), None)
+    from_weights = {
+        "num_mem_tokens": None if memory is None else int(memory.shape[0]),
+        "d_mem": None if w_mq is None else int(w_mq.shape[0]),
+        "wrap_pos": _infer_wrap_pos(state, backbone, memory),
+    }
+    defaults = {"dpfp_nu": 3, "correction": True, "wrap_pos": False}
+    for name, flag in flags.items():
+        if flag is not None:
+            values[name], origin[name] = flag, "flag"
+        elif config.get(name) is not None:
+            values[name], origin[name] = config[name], "config"
+        elif from_weights.get(name) is not None:
+            values[name], origin[name] = from_weights[name], "weights"
+        elif name in defaults:
+            values[name], origin[name] = defaults[name], "default"
+        else:
+            raise ConversionError(
+                f"{name} is not in the source's config.json; pass --{name.replace('_', '-')} "
+                "(the irodkin/armt_babilong_* checkpoints use --segment-size 512)."
+            )
+    return values, origin
+
+
+def _infer_wrap_pos(state: dict[str, torch.Tensor], backbone: dict, memory: torch.Tensor | None) -> bool | None:
+    table_field = LEARNED_POSITION_FIELDS.get(backbone.get("model_type"))
+    table = next((t for k, t in state.items() if k.endswith(".wpe.weight")), None)
+    if table_field is None or table is None or memory is None or backbone.get(table_field) is None:
+        return None
+    rows, stock = table.shape[0], backbone[table_field]
+    return True if rows == stock + memory.shape[0] else False if rows == stock else None
+
+
+# ------------------------------------------------------------------------------------------------------ building
+
+
+@contextlib.contextmanager
+def _building(dtype: torch.dtype):
+    """Construct modules directly in `dtype` and skip their random initialisation (every weight gets loaded)."""
+    from transformers.initialization import no_init_weights
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(
+    state: dict[str, torch.Tensor], config: ARMTConfig, dtype: torch.dtype = torch.float32
+) -> ARMTForCausalLM:
+    """An ARMTForCausalLM in `dtype` holding the research-layout `state` (checked: keys and shapes)."""
+    with _building(dtype):
+        model = ARMTForCausalLM(config)
     mapped = map_research_state_dict(state, model)
     check_state_dict(mapped, model)
     model.load_state_dict(mapped, strict=False)
     model.tie_weights()
+    model.config.dtype = dtype
     return model.eval()
 
 
-def write_folder(model: ARMTForCausalLM, output: Path, overwrite: bool = False) -> None:
-    """Save into a temporary folder beside `output`, then rename: an error or Ctrl-C never leaves a half-written one."""
+def _set_generation_defaults(model: ARMTForCausalLM, tokenizer=None) -> None:
+    """bos / eos / pad token ids for generation: the backbone config's, else the tokenizer's."""
+    base = model.config.base_config
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(base, name, None)
+        if value is None and tokenizer is not None:
+            value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(model.generation_config, name, value)
+
+
+# -------------------------------------------------------------------------------------------------------- writing
+
+
+def _fix_permissions(folder: Path) -> None:
+    """mkdtemp makes private folders; give the output the permissions a plain mkdir / open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def write_folder(
+    model: ARMTForCausalLM,
+    output: Path,
+    overwrite: bool = False,
+    *,
+    tokenizer=None,
+    model_card: str | None = None,
+    max_shard_size: str | int = "5GB",
+    verify: bool = False,
+) -> float | None:
+    """Save into a temporary folder beside `output` (optionally verify it there), then rename it into place: an
+    error or Ctrl-C never leaves a half-written `output`, and `--overwrite` replaces the old one only at the end.
+
+    Returns the verification's max |logit difference| when `verify`."""
+    output = Path(output)
     if output.exists() and not overwrite:
         raise ConversionError(f"{output} exists; pass --overwrite to replace it.")
+    created = next((p for p in [output.parent, *output.parent.parents][::-1] if not p.exists()), None)
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        model.save_pretrained(staging)
+        folder = staging / output.name  # the final name, so the remote-code module cache sees one name only
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        if model_card is not None:
+            (folder / "README.md").write_text(model_card)
+        _fix_permissions(folder)
+        diff = verify_folder(model, folder) if verify else None
         if output.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
-            os.replace(output, backup / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(backup)
+            old = staging / f"{output.name}.old"
+            os.replace(output, old)
+            try:
+                os.replace(folder, output)
+            except BaseException:
+                os.replace(old, output)
+                raise
         else:
-            os.replace(staging, output)
+            os.replace(folder, output)
+        return diff
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if created is not None and not output.exists():
+            shutil.rmtree(created, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def verify_folder(model: ARMTForCausalLM, output: Path, seed: int = 0) -> float:
@@ -156,63 +603,259 @@ def verify_folder(model: ARMTForCausalLM, output: Path, seed: int = 0) -> float:
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True).eval()
+    if reloaded.dtype != model.dtype:
+        raise ConversionError(f"Verification failed: the folder loads as {reloaded.dtype}, not {model.dtype}.")
     generator = torch.Generator().manual_seed(seed)
     length = model.config.segment_size * 2 + model.config.segment_size // 2 + 1
     input_ids = torch.randint(model.config.vocab_size, (1, length), generator=generator)
     with torch.no_grad():
-        diff = (reloaded(input_ids).logits - model(input_ids).logits).abs().max().item()
-    if diff > 1e-5:
-        raise ConversionError(f"Verification failed: the written folder's logits differ by {diff:.2e}.")
+        expected = model(input_ids).logits.float()
+        diff = (reloaded(input_ids).logits.float() - expected).abs().max().item()
+    tolerance = (1e-4 if model.dtype == torch.float32 else 1e-2) * max(1.0, expected.abs().max().item())
+    if not diff <= tolerance:
+        raise ConversionError(
+            f"Verification failed: the written folder's logits differ from the converted model's by {diff:.2e} "
+            f"(tolerance {tolerance:.1e}); nothing was written."
+        )
     return diff
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_card(
+    config: ARMTConfig,
+    *,
+    source: Source,
+    source_format: str,
+    source_name: str | None,
+    origin: dict,
+    backbone_name: str | None,
+    dtype: torch.dtype,
+    has_tokenizer: bool,
+    warnings: list[str],
+) -> str:
+    """README.md of the output folder: what it is, where it came from, how to load it, its hyper-parameters."""
+    base = config.base_config
+    hub_backbone = None
+    if isinstance(backbone_name, str) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", backbone_name):
+        hub_backbone = None if Path(backbone_name).exists() else backbone_name
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- armt", "- custom_code"]
+    if hub_backbone:
+        front.append(f"base_model: {hub_backbone}")
+    front.append("---")
+    name = source_name or source.files[0].name
+    files = "\n".join(f"| `{p.name}` | {p.stat().st_size:,} | `{_sha256(p)}` |" for p in source.files)
+    params = [
+        ("num_mem_tokens", config.num_mem_tokens, "memory tokens appended to every segment"),
+        ("d_mem", config.d_mem, "size of the W_q / W_k projections"),
+        ("segment_size", config.segment_size, "input tokens per segment"),
+        ("dpfp_nu", config.dpfp_nu, "nu of the DPFP feature map"),
+        ("correction", config.correction, "delta-rule correction of memory writes"),
+        ("wrap_pos", config.wrap_pos, "memory tokens use extra learned position rows"),
+    ]
+    rows = "\n".join(f"| `{k}` | `{v}` | {origin.get(k, '-')} | {what} |" for k, v, what in params)
+    layers = getattr(base, "num_hidden_layers", "?")
+    notes = "".join(f"\n- {w}" for w in warnings)
+    tokenizer_line = (
+        "tokenizer = AutoTokenizer.from_pretrained(path)\n"
+        if has_tokenizer
+        else "tokenizer = AutoTokenizer.from_pretrained(\"<the backbone's tokenizer>\")  # none was bundled\n"
+    )
+    return f"""{chr(10).join(front)}
+
+# ARMT ({base.model_type} backbone): converted from `{name}`
+
+An Associative Recurrent Memory Transformer (Rodkin et al. 2024, [arXiv 2407.04841](https://arxiv.org/abs/2407.04841)):
+a stock `{base.model_type}` causal LM ({layers} layers, hidden size {base.hidden_size}, vocabulary {base.vocab_size})
+that reads its input in segments of {config.segment_size} tokens and carries an associative memory from segment to
+segment, written by {config.num_mem_tokens} memory tokens at the end of every segment.
+
+## Origin
+
+Converted by `convert_checkpoint.py` of the armt-hf project from the **{source_format}** layout
+(source: `{name}`{f", backbone `{backbone_name}`" if isinstance(backbone_name, str) else ""}). Saved as `{str(dtype).replace("torch.", "")}`.
+The weights are the source's, renamed to stock transformers keys (`backbone.*`) plus `memory_embeddings`,
+`memory_layers.N.{{q,k,v,b}}_proj` and, with wrap_pos, `memory_position_embeddings`.
+
+| source file | bytes | sha256 |
+|---|---|---|
+{files}
+{f"{chr(10)}Notes:{notes}{chr(10)}" if notes else ""}
+## How to use
+
+Everything needed is in this folder (the model code comes with it, hence `trust_remote_code=True`):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+path = "<this folder or its Hub id>"
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+{tokenizer_line}inputs = tokenizer("a long document ...", return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=20)
+```
+
+Inputs of any length are processed segment by segment; `model.new_cache(batch)` returns the `ARMTCache` that holds
+one stream's memory when feeding a stream in pieces.
+
+## Hyper-parameters
+
+| name | value | from | meaning |
+|---|---|---|---|
+{rows}
+
+The backbone's full config is stored under `base_config` in `config.json`.
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------- the CLI
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = False, commit_message: str | None = None) -> str:
+    """Upload `folder` to the Hub model repo `repo_id` (created if needed; token from the usual places)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload ARMT converted checkpoint"
+        )
+    except Exception as error:  # HTTP errors, no token, unreachable endpoint
+        raise ConversionError(
+            f"Upload to {repo_id} failed ({type(error).__name__}: {error}). The folder {folder} is complete; upload "
+            f"it later with `hf upload {repo_id} {folder}`."
+        ) from error
+    return info.commit_url
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="research checkpoint (.bin/.pt/.safetensors)")
-    parser.add_argument("--base-config", type=Path, required=True, help="backbone config JSON (with model_type)")
-    parser.add_argument("--num-mem-tokens", type=int, required=True)
-    parser.add_argument("--d-mem", type=int, required=True)
-    parser.add_argument("--segment-size", type=int, required=True)
-    parser.add_argument("--dpfp-nu", type=int, default=3)
-    parser.add_argument("--wrap-pos", action="store_true", help="memory tokens use extra position rows")
-    parser.add_argument("--no-correction", action="store_true", help="the checkpoint was trained without correction")
-    parser.add_argument("--output", type=Path, required=True, help="folder to write (must not exist)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--no-verify", action="store_true", help="skip reloading the folder to compare logits")
-    return parser.parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="convert_checkpoint.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    source = parser.add_argument_group("source")
+    source.add_argument("--checkpoint", type=Path, required=True,
+                        help="a .bin/.pt/.safetensors file, a shard index (*.index.json) or a folder")
+    source.add_argument("--source-format", choices=SOURCE_FORMATS, help="the layout (default: detected from the keys)")
+    source.add_argument("--source-config", type=Path,
+                        help="the source's config.json (default: the one in the checkpoint's folder, if any)")
+    source.add_argument("--source-name", help="where the checkpoint came from (e.g. its Hub id), for the model card")
+    source.add_argument("--base-config",
+                        help="backbone config: a config JSON, a folder or a Hub id (default: from the source config)")
+    hyper = parser.add_argument_group("hyper-parameters (default: the source's config.json, else the weights)")
+    hyper.add_argument("--num-mem-tokens", type=int)
+    hyper.add_argument("--d-mem", type=int)
+    hyper.add_argument("--segment-size", type=int)
+    hyper.add_argument("--dpfp-nu", type=int)
+    hyper.add_argument("--wrap-pos", action=argparse.BooleanOptionalAction, default=None,
+                       help="memory tokens use extra learned position rows (GPT-2 backbones)")
+    hyper.add_argument("--correction", action=argparse.BooleanOptionalAction, default=None,
+                       help="delta-rule correction of memory writes (--no-correction: trained without it)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output", type=Path, required=True, help="folder to write (must not exist)")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    out.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="saved dtype (auto: the source's)")
+    out.add_argument("--tokenizer",
+                     help="tokenizer to bundle: a folder or a Hub id (default: the source folder's, if it has one)")
+    out.add_argument("--max-shard-size", default="5GB", help="split model.safetensors into shards of this size")
+    out.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                     help="reload the folder and compare its logits with the converted model (default: on)")
+    out.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub model repo")
+    out.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    out.add_argument("--quiet", action="store_true", help="only errors")
+    args = parser.parse_args(argv)
+    if args.private and not args.push_to_hub:
+        parser.error("--private needs --push-to-hub")
+    return args
+
+
+def _load_tokenizer(spec: str | None, source: Source):
+    if spec is None:
+        if source.folder is None or not any((source.folder / name).is_file() for name in TOKENIZER_FILES):
+            return None
+        spec = str(source.folder)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except Exception as error:
+        raise ConversionError(f"Could not load the tokenizer {spec!r}: {type(error).__name__}: {error}") from error
+
+
+def convert(args: argparse.Namespace) -> Path:
+    """Run a conversion described by parsed CLI arguments; returns the written folder."""
+    output: Path = args.output
+    if output.exists() and not args.overwrite:
+        raise ConversionError(f"{output} exists; pass --overwrite to replace it.")
+    logger.info("reading %s", args.checkpoint)
+    source = read_source(args.checkpoint, args.source_config)
+    source_format = args.source_format or detect_format(source.state)
+    logger.info("layout: %s (%d tensors)", source_format, len(source.state))
+    state = to_research_layout(source.state, source_format)
+    unsupported = find_unsupported(source.config, state, source.code_files)
+    if unsupported:
+        raise ConversionError(
+            "The source uses options this project does not implement, so a conversion would compute something "
+            "else: " + "; ".join(unsupported) + ". Nothing was written (see README, 'Known gaps')."
+        )
+    backbone, backbone_name = resolve_backbone(args.base_config, source)
+    values, origin = resolve_hyperparameters(args, source.config, state, backbone)
+    logger.info("hyper-parameters: %s", ", ".join(f"{k}={v} ({origin[k]})" for k, v in values.items()))
+    try:
+        config = ARMTConfig(base_config=backbone, **values)
+    except ValueError as error:
+        raise ConversionError(f"The hyper-parameters do not make a valid ARMT config: {error}") from error
+    dtype = _source_dtype(state) if args.dtype == "auto" else DTYPES[args.dtype]
+    if dtype not in DTYPES.values():
+        raise ConversionError(f"The source's dtype {dtype} cannot be saved as is; pass --dtype.")
+    warnings = []
+    if source_format == "inner-loop" and backbone["model_type"] in LEARNED_POSITION_FIELDS:
+        warnings.append(
+            "The inner-loop code numbers positions across segments; this model restarts them at every segment, as the "
+            "research code does. With a learned position table (GPT-2) the outputs can differ from the source's."
+        )
+    for warning in warnings:
+        logger.warning("warning: %s", warning)
+    tokenizer = _load_tokenizer(args.tokenizer, source)
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        logger.warning("warning: the tokenizer has %d tokens, the model's vocabulary %d", len(tokenizer), config.vocab_size)
+    model = build_model(state, config, dtype=dtype)
+    del state
+    source.state = {}
+    _set_generation_defaults(model, tokenizer)
+    card = model_card(
+        config, source=source, source_format=source_format, source_name=args.source_name, origin=origin,
+        backbone_name=backbone_name, dtype=dtype, has_tokenizer=tokenizer is not None, warnings=warnings,
+    )
+    diff = write_folder(
+        model, output, overwrite=args.overwrite, tokenizer=tokenizer, model_card=card,
+        max_shard_size=args.max_shard_size, verify=args.verify,
+    )
+    if diff is not None:
+        logger.info("verified: reloaded logits match (max |diff| %.1e)", diff)
+    if args.push_to_hub:
+        url = push_to_hub(output, args.push_to_hub, private=args.private)
+        logger.info("pushed to %s", url)
+    return output
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    logger.setLevel(logging.ERROR if args.quiet else logging.INFO)
     try:
-        if args.output.exists() and not args.overwrite:
-            raise ConversionError(f"{args.output} exists; pass --overwrite to replace it.")
-        try:
-            base_config = json.loads(args.base_config.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ConversionError(f"Could not read the backbone config {args.base_config}: {error}") from error
-        if "model_type" not in base_config:
-            raise ConversionError(f"{args.base_config} has no `model_type`; add the backbone's model type.")
-        config = ARMTConfig(
-            base_config=base_config,
-            num_mem_tokens=args.num_mem_tokens,
-            d_mem=args.d_mem,
-            segment_size=args.segment_size,
-            dpfp_nu=args.dpfp_nu,
-            wrap_pos=args.wrap_pos,
-            correction=not args.no_correction,
-        )
-        model = build_model(load_state_dict(args.checkpoint), config)
-        write_folder(model, args.output, overwrite=args.overwrite)
-        if not args.no_verify:
-            try:
-                verify_folder(model, args.output)
-            except ConversionError:
-                shutil.rmtree(args.output, ignore_errors=True)
-                raise
+        convert(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.output} was left as it was", file=sys.stderr)
+        return 130
     print(f"wrote {args.output}")
     return 0
 

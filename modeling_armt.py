@@ -12,11 +12,15 @@ otherwise.
 """
 
 import contextvars
+import json
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -103,10 +107,12 @@ class ARMTCacheLayer:
 
 
 class ARMTCache(Cache):
-    """All recurrent state of an ARMT stream: per layer A and z (float32), the key/value cache of the current,
-    unfinished segment, how many tokens that segment holds, and how many tokens the stream has seen.
+    """All recurrent state of a batch of ARMT streams: per layer A and z (float32); the key/value cache of the
+    current, unfinished segment (`segment_cache`, with `segment_mask` marking each row's valid entries once rows
+    have drifted apart through padding); per row, how many real tokens it has read (`row_tokens`) and whether its
+    memory holds anything (`memory_written`). Each row's segments start at its own first real token.
 
-    `get_seq_length()` is the total number of tokens seen, as `generate()` expects.
+    `get_seq_length()` is the number of columns (tokens, padding included) seen, as `generate()` expects.
     """
 
     def __init__(self, config: ARMTConfig, batch_size: int, device: torch.device | str | None = None):
@@ -124,24 +130,26 @@ class ARMTCache(Cache):
         self.segment_size = config.segment_size
         self.d_key = d_key
         self.d_model = d_model
-        self.backbone_config = config.base_config
         self.memory_written = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.row_tokens = torch.zeros(batch_size, dtype=torch.long)  # on CPU: it steers Python control flow
         self.seen_tokens = 0
-        self.segment_cache = DynamicCache(config=self.backbone_config)
-        self.segment_mask: torch.Tensor | None = None  # (B, tokens in segment) when any padding was seen
+        self.segment_cache = DynamicCache()
+        self.segment_mask: torch.Tensor | None = None  # (B, kv length), None when every entry is valid for every row
 
     @property
     def batch_size(self) -> int:
         return self.memory_written.shape[0]
 
     @property
-    def segment_length(self) -> int:
-        """Tokens of the current, unfinished segment."""
-        return self.seen_tokens % self.segment_size if self.seen_tokens else 0
+    def segment_fill(self) -> torch.Tensor:
+        """Real tokens of each row's current, unfinished segment (CPU, (B,))."""
+        return self.row_tokens % self.segment_size
 
     @property
-    def any_written(self) -> bool:
-        return self.seen_tokens >= self.segment_size
+    def is_aligned(self) -> bool:
+        """All rows sit at the same place of their segments and every cached key/value belongs to every row."""
+        fill = self.segment_fill
+        return self.segment_mask is None and bool((fill == fill[0]).all())
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -154,64 +162,139 @@ class ARMTCache(Cache):
 
     def check_compatible(self, config: ARMTConfig, batch_size: int) -> None:
         """Raise ValueError if this cache cannot continue a stream of a model with `config` and `batch_size` rows."""
-        expected = (config.num_hidden_layers, config.d_key, config.hidden_size, config.segment_size)
-        found = (len(self.layers), self.d_key, self.d_model, self.segment_size)
-        if expected != found or self.num_mem_tokens != config.num_mem_tokens:
+        expected = (config.num_hidden_layers, config.d_key, config.hidden_size, config.segment_size,
+                    config.num_mem_tokens)
+        found = (len(self.layers), self.d_key, self.d_model, self.segment_size, self.num_mem_tokens)
+        if expected != found:
             raise ValueError(
-                f"This ARMTCache (layers, d_key, d_model, segment_size) = {found} was made for another model "
-                f"config, which expects {expected}. Create the cache with this model's config."
+                f"This ARMTCache (layers, d_key, d_model, segment_size, num_mem_tokens) = {found} was made for "
+                f"another model config, which expects {expected}. Create the cache with model.new_cache(batch)."
             )
         if batch_size != self.batch_size:
             raise ValueError(
                 f"The cache holds {self.batch_size} rows but the input has {batch_size}; use one cache per batch "
-                "layout (or `cache.batch_select_indices` / `batch_repeat_interleave` to change it)."
+                "(or `cache.batch_select_indices` / `batch_repeat_interleave` to change it)."
             )
 
-    def _finish_segment(self) -> None:
-        self.segment_cache = DynamicCache(config=self.backbone_config)
+    def _segment_length(self) -> int:
+        """Entries in the segment key/value cache."""
+        return self.segment_cache.get_seq_length()
+
+    def _drop_segment(self) -> None:
+        self.segment_cache = DynamicCache()
         self.segment_mask = None
+
+    def _trim_segment(self) -> None:
+        """Drop leading key/value entries that no row needs any more."""
+        if self.segment_mask is None:
+            return
+        alive = self.segment_mask.any(0)
+        if not bool(alive.any()):
+            self._drop_segment()
+            return
+        dead = int(alive.long().argmax())
+        if dead:
+            for layer in self.segment_cache.layers:
+                if layer.is_initialized:
+                    layer.keys, layer.values = layer.keys[:, :, dead:], layer.values[:, :, dead:]
+            self.segment_mask = self.segment_mask[:, dead:]
+        if bool(self.segment_mask.all()) and self.is_aligned_ignoring_mask():
+            self.segment_mask = None
+
+    def is_aligned_ignoring_mask(self) -> bool:
+        fill = self.segment_fill
+        return bool((fill == fill[0]).all()) and int(fill[0]) == self._segment_length()
 
     def reset(self) -> None:
         for layer in self.layers:
             layer.A.zero_()
             layer.z.zero_()
         self.memory_written.zero_()
+        self.row_tokens.zero_()
         self.seen_tokens = 0
-        self._finish_segment()
+        self._drop_segment()
 
     def _index_rows(self, rows: torch.Tensor) -> None:
         for layer in self.layers:
             layer.index_rows(rows)
         self.memory_written = self.memory_written.index_select(0, rows.to(self.memory_written.device))
+        self.row_tokens = self.row_tokens.index_select(0, rows.cpu())
         self.segment_cache.batch_select_indices(rows)
         if self.segment_mask is not None:
             self.segment_mask = self.segment_mask.index_select(0, rows.to(self.segment_mask.device))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder every row of state (memory, segment keys/values, masks) for beam search."""
+        """Reorder every row of state (memory, segment keys/values, masks, counters) for beam search."""
         self._index_rows(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._index_rows(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        device = self.memory_written.device
-        self._index_rows(torch.arange(self.batch_size, device=device).repeat_interleave(repeats))
+        self._index_rows(torch.arange(self.batch_size).repeat_interleave(repeats))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the whole state (memory, unfinished segment, counters) to a safetensors file."""
+        tensors = {"memory_written": self.memory_written, "row_tokens": self.row_tokens}
+        for idx, layer in enumerate(self.layers):
+            tensors[f"A.{idx}"], tensors[f"z.{idx}"] = layer.A, layer.z
+        for idx, layer in enumerate(self.segment_cache.layers):
+            if layer.is_initialized:
+                tensors[f"segment.{idx}.keys"], tensors[f"segment.{idx}.values"] = layer.keys, layer.values
+        if self.segment_mask is not None:
+            tensors["segment_mask"] = self.segment_mask
+        metadata = {
+            "format": "armt-cache-v1",
+            "seen_tokens": str(self.seen_tokens),
+            "shape": json.dumps([len(self.layers), self.d_key, self.d_model, self.segment_size, self.num_mem_tokens]),
+        }
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, config: ARMTConfig, device: torch.device | str | None = None) -> "ARMTCache":
+        """Read a cache written by `save`; ValueError if it does not fit a model with `config`."""
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != "armt-cache-v1":
+                raise ValueError(f"{path} is not an ARMT cache file (no 'armt-cache-v1' metadata).")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        num_layers, d_key, d_model, segment_size, num_mem_tokens = json.loads(metadata["shape"])
+        cache = cls(config, int(tensors["memory_written"].shape[0]), device=device)
+        found = (num_layers, d_key, d_model, segment_size, num_mem_tokens)
+        expected = (len(cache.layers), cache.d_key, cache.d_model, cache.segment_size, cache.num_mem_tokens)
+        if found != expected:
+            raise ValueError(
+                f"The cache in {path} has (layers, d_key, d_model, segment_size, num_mem_tokens) = {found}, but the "
+                f"model expects {expected}: it was saved from another model."
+            )
+        for idx, layer in enumerate(cache.layers):
+            layer.A, layer.z = tensors[f"A.{idx}"].to(device), tensors[f"z.{idx}"].to(device)
+        cache.memory_written = tensors["memory_written"].to(device)
+        cache.row_tokens = tensors["row_tokens"]
+        cache.seen_tokens = int(metadata["seen_tokens"])
+        for idx in range(num_layers):
+            if f"segment.{idx}.keys" in tensors:
+                keys, values = tensors[f"segment.{idx}.keys"].to(device), tensors[f"segment.{idx}.values"].to(device)
+                cache.segment_cache.update(keys, values, idx)
+        if "segment_mask" in tensors:
+            cache.segment_mask = tensors["segment_mask"].to(device)
+        return cache
 
     def crop(self, max_length: int) -> None:
         """Drop tokens of the current segment so that `max_length` tokens remain (negative: remove that many).
-        Tokens of finished segments are in the memory and cannot be removed."""
+        Tokens of finished segments are already in the memory and cannot be removed."""
         if max_length < 0:
             max_length = self.seen_tokens + max_length
-        start = self.seen_tokens - self.segment_length
+        removable = self._segment_length() if self.segment_mask is None and self.is_aligned else 0
+        start = self.seen_tokens - removable
         if max_length < start or max_length > self.seen_tokens:
             raise ValueError(
                 f"Cannot crop the ARMTCache to {max_length} tokens: only tokens of the current segment "
                 f"({start}..{self.seen_tokens}) can be removed; earlier ones are already written into memory."
             )
-        self.segment_cache.crop(max_length - start)
-        if self.segment_mask is not None:
-            self.segment_mask = self.segment_mask[:, : max_length - start]
+        if max_length < self.seen_tokens:
+            self.segment_cache.crop(max_length - self.seen_tokens)
+        self.row_tokens -= self.seen_tokens - max_length
         self.seen_tokens = max_length
 
 
@@ -224,7 +307,8 @@ class _MemoryStep:
     z: list[torch.Tensor]
     written: torch.Tensor
     read: bool  # any row holds memory
-    num_memory: int  # memory tokens at the end of this call (0 when the segment does not end here)
+    num_memory: int  # memory tokens at the end of this call (0 when no segment ends here)
+    write_rows: torch.Tensor | None  # (B,) rows whose segment ends here; None: all rows
     memory_positions: torch.Tensor | None  # (M, d_model) wrap_pos rows, else None
     new_A: list[torch.Tensor | None]
     new_z: list[torch.Tensor | None]
@@ -253,9 +337,12 @@ def _memory_write_hook(layer_idx: int):
         if step is None or not step.num_memory:
             return None
         hidden_states = output[0] if isinstance(output, tuple) else output
-        step.new_A[layer_idx], step.new_z[layer_idx] = step.memory_layers[layer_idx].write(
-            hidden_states[:, -step.num_memory :], step.A[layer_idx], step.z[layer_idx], step.written
-        )
+        A, z = step.A[layer_idx], step.z[layer_idx]
+        new_A, new_z = step.memory_layers[layer_idx].write(hidden_states[:, -step.num_memory :], A, z, step.written)
+        if step.write_rows is not None:
+            new_A = torch.where(step.write_rows.view(-1, 1, 1), new_A, A)
+            new_z = torch.where(step.write_rows.view(-1, 1), new_z, z)
+        step.new_A[layer_idx], step.new_z[layer_idx] = new_A, new_z
         return None
 
     return hook
@@ -388,12 +475,14 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
         self,
         embeds: torch.Tensor,
         written: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        segment_cache: DynamicCache | None,
-        write: bool,
-        keep: torch.Tensor | None,
         A: list[torch.Tensor],
         z: list[torch.Tensor],
+        keep: torch.Tensor | None,
+        write: bool,
+        write_rows: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_cache: DynamicCache | None = None,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
         """One backbone call over a piece of a segment (plus the memory tokens when `write`), with memory read in
         every layer; returns the logits at the positions `keep` and the memory state after the call."""
@@ -408,6 +497,7 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             written=written,
             read=bool(written.any()),
             num_memory=num_memory,
+            write_rows=write_rows,
             memory_positions=self.memory_position_embeddings,
             new_A=list(A),
             new_z=list(z),
@@ -417,27 +507,57 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             outputs = self.backbone(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
+                position_ids=position_ids,
                 cache=segment_cache,
                 use_cache=segment_cache is not None,
                 logits_to_keep=keep if keep is not None else torch.empty(0, dtype=torch.long, device=embeds.device),
             )
         finally:
             _ACTIVE_STEP.reset(token)
-        logits = outputs.logits if keep is not None else None
-        return logits, step.new_A, step.new_z
+        return (outputs.logits if keep is not None else None), step.new_A, step.new_z
 
-    def _checkpointed_segment(self, embeds, written, attention_mask, keep, A, z):
+    def _checkpointed_segment(self, embeds, written, A, z, keep, position_ids, attention_mask):
         """A whole segment with its memory write under gradient checkpointing (the hooks run again on recompute)."""
         num_layers = len(A)
 
         def run(embeds, *state):
             logits, new_A, new_z = self._run_backbone(
-                embeds, written, attention_mask, None, True, keep, list(state[:num_layers]), list(state[num_layers:])
+                embeds, written, list(state[:num_layers]), list(state[num_layers:]), keep, True,
+                attention_mask=attention_mask, position_ids=position_ids,
             )
             return (logits, *new_A, *new_z)
 
         outputs = self._gradient_checkpointing_func(run, embeds, *A, *z, use_reentrant=False)
         return outputs[0], list(outputs[1 : 1 + num_layers]), list(outputs[1 + num_layers :])
+
+    def _next_piece(self, cache: ARMTCache, real: torch.Tensor | None, start: int, length: int):
+        """Where the next backbone call ends: at the first column where some row's segment fills, or the chunk's
+        end. Returns (end, rows whose segment fills at end - 1 as a CPU bool tensor, or None if none)."""
+        need = self.config.segment_size - cache.segment_fill  # real tokens each row still needs, (B,)
+        if real is None:
+            end = min(length, start + int(need.min()))
+            rows = need == end - start
+        else:
+            count = real[:, start:].cumsum(1)
+            hits = (count == need.unsqueeze(1)) & real[:, start:]
+            hit_any = hits.any(1)
+            if not bool(hit_any.any()):
+                return length, None
+            first_col = torch.where(hit_any, hits.long().argmax(1), length)
+            end = start + int(first_col.min()) + 1
+            rows = hit_any & (first_col == end - start - 1)
+        return end, (rows if bool(rows.any()) else None)
+
+    def _memory_position_ids(self, positions: torch.Tensor, write: bool) -> torch.Tensor:
+        """Append memory-token positions (right after each row's tokens; 0 under wrap_pos, whose hook replaces them)."""
+        if not write:
+            return positions
+        num_memory = self.config.num_mem_tokens
+        if self.config.wrap_pos:
+            memory = positions.new_zeros(positions.shape[0], num_memory)
+        else:
+            memory = positions[:, -1:] + 1 + torch.arange(num_memory, device=positions.device)
+        return torch.cat([positions, memory], dim=1)
 
     def forward(
         self,
@@ -453,11 +573,11 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
-        Reads `input_ids` (or `inputs_embeds`) of any length in segments, continuing the stream held in `cache`
-        (a new one when None). Positions are ARMT's own (restarting every segment): `position_ids` is accepted for
-        compatibility with `generate()` and ignored. `attention_mask` covers cached + new tokens, as in transformers.
-        `logits_to_keep` (int: the last n positions, 0 for all; or a 1D tensor of positions) bounds the logits built.
-        With `labels`, returns the mean shifted cross-entropy (-100 ignored).
+        Reads `input_ids` (or `inputs_embeds`) of any length in segments, continuing the streams held in `cache`
+        (a new one when None). Positions are ARMT's own (restarting every segment), so `position_ids` is accepted for
+        `generate()` and ignored. `attention_mask` covers cached + new tokens, as in transformers; padded positions
+        do not count towards a row's segments. `logits_to_keep` (int: the last n positions, 0 for all; or a 1D tensor
+        of positions) bounds the logits built. With `labels`, returns the mean shifted cross-entropy (-100 ignored).
         """
         if past_key_values is not None:
             if cache is not None:
@@ -475,54 +595,40 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             cache.check_compatible(self.config, batch_size)
         if use_cache is None:
             use_cache = not self.training
-        if labels is not None and logits_to_keep is not None and not (
-            isinstance(logits_to_keep, int) and logits_to_keep == 0
-        ):
+        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("`labels` need the logits of every position: leave `logits_to_keep` at 0.")
 
-        keep_mask = torch.zeros(length, dtype=torch.bool, device=device)
+        keep_mask = torch.zeros(length, dtype=torch.bool)
         if isinstance(logits_to_keep, int):
             keep_mask[-logits_to_keep if logits_to_keep else 0 :] = True
         else:
-            keep_mask[logits_to_keep.to(keep_mask.device)] = True
+            keep_mask[logits_to_keep.cpu()] = True
+        real = None  # (B, length) CPU bool: which columns are real tokens; None when all are
         if attention_mask is not None:
-            attention_mask = attention_mask[:, -length:]
-            if bool(attention_mask.all()) and cache.segment_mask is None:
-                attention_mask = None
+            real = attention_mask[:, -length:].bool().cpu()
+            real = None if bool(real.all()) else real
 
         A = [layer.A for layer in cache.layers]
         z = [layer.z for layer in cache.layers]
         logits_pieces = []
         start = 0
         while start < length:
-            in_segment = cache.segment_length
-            end = min(length, start + self.config.segment_size - in_segment)
-            write = in_segment + end - start == self.config.segment_size
-            positions = keep_mask[start:end].nonzero().squeeze(-1)
+            end, write_rows = self._next_piece(cache, real, start, length)
+            write = write_rows is not None
+            piece_real = None if real is None else real[:, start:end]
+            positions = keep_mask[start:end].nonzero().squeeze(-1).to(device)
             keep = positions if positions.numel() else None
-            piece_mask = self._segment_attention_mask(cache, attention_mask, start, end, write)
-            segment_cache = cache.segment_cache if (in_segment or (use_cache and not write)) else None
             # Embed piece by piece: a long input never has all its embeddings in memory at once.
-            embeds = self.get_input_embeddings()(input_ids[:, start:end]) if inputs_embeds is None else (
-                inputs_embeds[:, start:end]
+            embeds = (
+                self.get_input_embeddings()(input_ids[:, start:end]) if inputs_embeds is None else inputs_embeds[:, start:end]
             )
-            if self.gradient_checkpointing and self.training and segment_cache is None and write:
-                logits, A, z = self._checkpointed_segment(embeds, cache.memory_written, piece_mask, keep, A, z)
+            if piece_real is None and cache.is_aligned:
+                logits, A, z = self._aligned_piece(cache, embeds, A, z, keep, write, use_cache)
             else:
-                logits, A, z = self._run_backbone(
-                    embeds, cache.memory_written, piece_mask, segment_cache, write, keep, A, z
-                )
+                logits, A, z = self._ragged_piece(cache, embeds, piece_real, A, z, keep, write_rows)
             if logits is not None:
                 logits_pieces.append(logits)
             cache.seen_tokens += end - start
-            if write:
-                cache.memory_written = torch.ones_like(cache.memory_written)
-                cache._finish_segment()
-            elif attention_mask is not None or cache.segment_mask is not None:
-                chunk_mask = self._chunk_mask(attention_mask, start, end, batch_size, device)
-                cache.segment_mask = (
-                    chunk_mask if cache.segment_mask is None else torch.cat([cache.segment_mask, chunk_mask], dim=1)
-                )
             start = end
         for layer, layer_A, layer_z in zip(cache.layers, A, z):
             layer.A, layer.z = layer_A, layer_z
@@ -533,25 +639,68 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
-    @staticmethod
-    def _chunk_mask(attention_mask, start, end, batch_size, device) -> torch.Tensor:
-        if attention_mask is None:
-            return torch.ones(batch_size, end - start, dtype=torch.long, device=device)
-        return attention_mask[:, start:end].long()
+    def _aligned_piece(self, cache, embeds, A, z, keep, write, use_cache):
+        """All rows at the same place of their segments and no padding: positions come from the key/value cache."""
+        in_segment = cache._segment_length()
+        segment_cache = cache.segment_cache if (in_segment or (use_cache and not write)) else None
+        position_ids = attention_mask = None
+        if write and self.config.wrap_pos:
+            # explicit positions (memory rows replaced by the hook) need a mask, or they would read as packed sequences
+            positions = torch.arange(in_segment, in_segment + embeds.shape[1], device=embeds.device)
+            position_ids = self._memory_position_ids(positions.expand(embeds.shape[0], -1), True)
+            attention_mask = torch.ones(
+                embeds.shape[0], in_segment + position_ids.shape[1], dtype=torch.long, device=embeds.device
+            )
+        if self.gradient_checkpointing and self.training and segment_cache is None and write:
+            logits, A, z = self._checkpointed_segment(
+                embeds, cache.memory_written, A, z, keep, position_ids, attention_mask
+            )
+        else:
+            logits, A, z = self._run_backbone(
+                embeds, cache.memory_written, A, z, keep, write,
+                attention_mask=attention_mask, position_ids=position_ids, segment_cache=segment_cache,
+            )
+        cache.row_tokens += embeds.shape[1]
+        if write:
+            cache.memory_written = torch.ones_like(cache.memory_written)
+            cache._drop_segment()
+        return logits, A, z
 
-    def _segment_attention_mask(self, cache, attention_mask, start, end, write) -> torch.Tensor | None:
-        """2D mask for one backbone call: the segment's cached tokens, this piece, and the memory tokens."""
-        if attention_mask is None and cache.segment_mask is None:
-            return None
-        batch_size = cache.batch_size
-        device = cache.memory_written.device
-        parts = [] if cache.segment_mask is None else [cache.segment_mask]
-        if cache.segment_mask is None and cache.segment_length:
-            parts.append(torch.ones(batch_size, cache.segment_length, dtype=torch.long, device=device))
-        parts.append(self._chunk_mask(attention_mask, start, end, batch_size, device))
+    def _ragged_piece(self, cache, embeds, piece_real, A, z, keep, write_rows):
+        """Rows at different places of their segments, or padding: explicit per-row positions and masks."""
+        batch_size, num_tokens = embeds.shape[:2]
+        device = embeds.device
+        write = write_rows is not None
+        real = torch.ones(batch_size, num_tokens, dtype=torch.bool) if piece_real is None else piece_real
+        fill = cache.segment_fill
+        count = real.long().cumsum(1)
+        positions = (fill.unsqueeze(1) + count - 1).clamp(min=0)
+        positions = torch.where(real, positions, 0)
+        position_ids = self._memory_position_ids(positions.to(device), write)
+        in_segment = cache._segment_length()
+        past_mask = (
+            cache.segment_mask
+            if cache.segment_mask is not None
+            else torch.ones(batch_size, in_segment, dtype=torch.long, device=device)
+        )
+        parts = [past_mask, real.long().to(device)]
         if write:
             parts.append(torch.ones(batch_size, self.config.num_mem_tokens, dtype=torch.long, device=device))
-        return torch.cat(parts, dim=1)
+        attention_mask = torch.cat(parts, dim=1)
+        rows = write_rows.to(device) if write else None
+        logits, A, z = self._run_backbone(
+            embeds, cache.memory_written, A, z, keep, write, write_rows=rows,
+            attention_mask=attention_mask, position_ids=position_ids, segment_cache=cache.segment_cache,
+        )
+        if write:
+            cache.segment_cache.crop(-self.config.num_mem_tokens)  # the memory tokens' keys/values belong to no segment
+        cache.segment_mask = torch.cat(parts[:2], dim=1)
+        cache.row_tokens += count[:, -1]
+        if write:
+            cache.segment_mask[rows] = 0
+            cache.memory_written = cache.memory_written | rows
+        cache._trim_segment()
+        return logits, A, z
 
 
 ARMTConfig.register_for_auto_class()

@@ -56,6 +56,11 @@ class ConversionError(ValueError):
     """The checkpoint cannot be converted as asked; nothing was written."""
 
 
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": .")
+
+
 def _key_list(keys, limit: int = 8) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
@@ -102,10 +107,11 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except ConversionError:
         raise
     except Exception as error:  # truncated or foreign files raise many different errors
-        hint = ""
         if "weights_only" in str(error) or "Unsupported global" in str(error):
-            hint = " It holds Python objects besides tensors, which are refused (nothing was executed)."
-        raise ConversionError(f"Could not read the checkpoint {path}: {error}.{hint}") from error
+            reason = "it holds Python objects besides tensors, which are refused (nothing was executed)"
+        else:
+            reason = _first_line(error)
+        raise ConversionError(f"Could not read the checkpoint {path}: {reason}.") from error
     return _unwrap_state(state, path)
 
 
@@ -128,7 +134,7 @@ def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
 
 
 def _progress(items: list, desc: str):
-    if len(items) < 2:
+    if len(items) < 2 or not logger.isEnabledFor(logging.INFO):
         return items
     from tqdm.auto import tqdm
 
@@ -405,7 +411,7 @@ def load_backbone_config(spec: str | dict) -> dict:
             except Exception as error:  # offline, unknown id, gated repo, ...
                 raise ConversionError(
                     f"Could not get the backbone config {spec!r} (not a local file or folder, and the Hub lookup "
-                    f"failed: {type(error).__name__}: {error}). Pass --base-config with a local config.json."
+                    f"failed: {_first_line(error)}). Pass --base-config with a local config.json."
                 ) from error
     if config.get("model_type") == "armt":  # an ARMT config: take the backbone inside it
         inner = config.get("base_config") or config.get("base_model_config") or config.get("base_model_name")
@@ -728,7 +734,7 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False, commit_messag
         )
     except Exception as error:  # HTTP errors, no token, unreachable endpoint
         raise ConversionError(
-            f"Upload to {repo_id} failed ({type(error).__name__}: {error}). The folder {folder} is complete; upload "
+            f"Upload to {repo_id} failed ({_first_line(error)}). The folder {folder} is complete; upload "
             f"it later with `hf upload {repo_id} {folder}`."
         ) from error
     return info.commit_url
@@ -784,7 +790,7 @@ def _load_tokenizer(spec: str | None, source: Source):
     try:
         return AutoTokenizer.from_pretrained(spec)
     except Exception as error:
-        raise ConversionError(f"Could not load the tokenizer {spec!r}: {type(error).__name__}: {error}") from error
+        raise ConversionError(f"Could not load the tokenizer {spec!r}: {_first_line(error)}.") from error
 
 
 def convert(args: argparse.Namespace) -> Path:
@@ -844,14 +850,34 @@ def convert(args: argparse.Namespace) -> Path:
     return output
 
 
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool):
+    """--quiet: no transformers progress bars or warnings either (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    if not quiet:
+        yield
+        return
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(message)s")
     logger.setLevel(logging.ERROR if args.quiet else logging.INFO)
     try:
-        convert(args)
+        with _quiet_transformers(args.quiet):
+            convert(args)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: {args.output} was left as it was", file=sys.stderr)

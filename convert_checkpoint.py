@@ -319,7 +319,18 @@ def check_state_dict(mapped: dict[str, torch.Tensor], model: ARMTForCausalLM) ->
         for k, v in mapped.items()
         if k in expected and v.shape != expected[k].shape
     ]
+    untied = [
+        f"{key} differs from {target}"
+        for key, target in (getattr(model, "all_tied_weights_keys", {}) or {}).items()
+        if key in mapped and target in mapped and mapped[key].shape == mapped[target].shape
+        and not torch.equal(mapped[key], mapped[target])
+    ]
     problems = []
+    if untied:
+        problems.append(
+            f"the backbone config ties weights the checkpoint holds apart ({_key_list(untied, limit=2)}; set "
+            "tie_word_embeddings=false in the backbone config)"
+        )
     if missing:
         problems.append(f"missing keys: {_key_list(missing)}")
     if unexpected:
@@ -745,30 +756,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="convert_checkpoint.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     source = parser.add_argument_group("source")
-    source.add_argument("--checkpoint", type=Path, required=True,
+    source.add_argument("--checkpoint", type=Path, required=True, metavar="PATH",
                         help="a .bin/.pt/.safetensors file, a shard index (*.index.json) or a folder")
     source.add_argument("--source-format", choices=SOURCE_FORMATS, help="the layout (default: detected from the keys)")
-    source.add_argument("--source-config", type=Path,
+    source.add_argument("--source-config", type=Path, metavar="CONFIG.json",
                         help="the source's config.json (default: the one in the checkpoint's folder, if any)")
-    source.add_argument("--source-name", help="where the checkpoint came from (e.g. its Hub id), for the model card")
-    source.add_argument("--base-config",
+    source.add_argument("--source-name", metavar="NAME", help="where the checkpoint came from (e.g. its Hub id), for the model card")
+    source.add_argument("--base-config", metavar="CONFIG",
                         help="backbone config: a config JSON, a folder or a Hub id (default: from the source config)")
     hyper = parser.add_argument_group("hyper-parameters (default: the source's config.json, else the weights)")
-    hyper.add_argument("--num-mem-tokens", type=int)
-    hyper.add_argument("--d-mem", type=int)
-    hyper.add_argument("--segment-size", type=int)
-    hyper.add_argument("--dpfp-nu", type=int)
+    hyper.add_argument("--num-mem-tokens", type=int, metavar="M", help="memory tokens per segment")
+    hyper.add_argument("--d-mem", type=int, metavar="D", help="size of the W_q / W_k projections")
+    hyper.add_argument("--segment-size", type=int, metavar="S", help="input tokens per segment (no default)")
+    hyper.add_argument("--dpfp-nu", type=int, metavar="NU", help="nu of the DPFP feature map (default 3)")
     hyper.add_argument("--wrap-pos", action=argparse.BooleanOptionalAction, default=None,
                        help="memory tokens use extra learned position rows (GPT-2 backbones)")
     hyper.add_argument("--correction", action=argparse.BooleanOptionalAction, default=None,
                        help="delta-rule correction of memory writes (--no-correction: trained without it)")
     out = parser.add_argument_group("output")
-    out.add_argument("--output", type=Path, required=True, help="folder to write (must not exist)")
+    out.add_argument("--output", type=Path, required=True, metavar="DIR", help="folder to write (must not exist)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     out.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="saved dtype (auto: the source's)")
-    out.add_argument("--tokenizer",
+    out.add_argument("--tokenizer", metavar="PATH_OR_ID",
                      help="tokenizer to bundle: a folder or a Hub id (default: the source folder's, if it has one)")
-    out.add_argument("--max-shard-size", default="5GB", help="split model.safetensors into shards of this size")
+    out.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="split model.safetensors into shards of this size")
     out.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                      help="reload the folder and compare its logits with the converted model (default: on)")
     out.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub model repo")

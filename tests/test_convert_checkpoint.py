@@ -269,6 +269,11 @@ def _bad_source(kind: str, tmp_path: Path) -> tuple[list, list[str]]:
         torch.save(state, tmp_path / "partial.bin")
         return ["--checkpoint", tmp_path / "partial.bin", *common], [
             "missing keys", "backbone.transformer.h.1.mlp.c_fc.bias", "(4)"]
+    if kind == "untied_head":
+        state = _research_state(case)
+        state["memory_cell.model.lm_head.weight"] = state["memory_cell.model.lm_head.weight"] + 1
+        torch.save(state, tmp_path / "untied.bin")
+        return ["--checkpoint", tmp_path / "untied.bin", *common], ["ties weights", "tie_word_embeddings=false"]
     if kind == "unknown_layout":
         save_file({"encoder.weight": torch.zeros(2, 2), "decoder.bias": torch.zeros(2)}, tmp_path / "foreign.safetensors")
         return ["--checkpoint", tmp_path / "foreign.safetensors", *common], [
@@ -310,7 +315,7 @@ def _bad_source(kind: str, tmp_path: Path) -> tuple[list, list[str]]:
     raise AssertionError(kind)
 
 
-BAD_INPUTS = ["truncated", "wrong_shape", "missing_keys", "unknown_layout", "forced_wrong_layout",
+BAD_INPUTS = ["truncated", "wrong_shape", "missing_keys", "untied_head", "unknown_layout", "forced_wrong_layout",
               "refused_config_options", "refused_l2_code", "refused_vector_gating", "pickled_code", "no_segment_size",
               "no_backbone", "offline_backbone_id", "existing_output"]
 

@@ -112,7 +112,7 @@ def plot_heatmap(results: list[dict], path: Path, title: str = "") -> Path:
     grid = np.full((len(tasks), len(lengths)), np.nan)
     for r in results:
         grid[tasks.index(r["task"]), lengths.index(r["length"])] = 100 * r["accuracy"]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(lengths), 0.9 + 0.55 * len(tasks)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.8 + 0.75 * len(lengths)), max(2.4, 1.2 + 0.45 * len(tasks))))
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     for i in range(len(tasks)):
         for j in range(len(lengths)):

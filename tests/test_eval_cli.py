@@ -1,0 +1,126 @@
+"""End-to-end: `python -m eval.babilong` on a tiny random ARMT, resuming, and the errors a user can hit."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from conftest import ROOT
+from eval import babilong, common
+from test_eval_data import write_haystack
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random ARMT over the GPT-2 vocabulary, saved as a model folder (no tokenizer files: GPT-2 is used)."""
+    from configuration_armt import ARMTConfig
+    from modeling_armt import ARMTForCausalLM
+
+    torch.manual_seed(0)
+    backbone = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=50257)
+    model = ARMTForCausalLM(ARMTConfig(base_config=backbone, num_mem_tokens=4, d_mem=8, segment_size=64))
+    folder = tmp_path_factory.mktemp("tiny-armt")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def one_thread(monkeypatch, tmp_path):
+    """Tiny models run fastest on one thread (and leave the other core to other jobs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("ARMT_EVAL_CACHE", str(tmp_path / "cache"))
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(*argv):
+    babilong.main([str(a) for a in argv])
+
+
+def test_offline_run_writes_table_json_predictions_and_heatmap(tiny_model, tmp_path, one_thread, capsys):
+    out = tmp_path / "out"
+    hay = write_haystack(tmp_path / "hay.txt")
+    args = ["--model", tiny_model, "--tasks", "qa1", "--lengths", "0k,4k", "--offline", "--samples", 3,
+            "--haystack", hay, "--output", out, "--threads", 1]
+    run_cli(*args)
+    printed = capsys.readouterr().out
+    assert "0k" in printed and "4k" in printed and "qa1" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["task"], r["length"], r["n"]) for r in results] == [("qa1", "0k", 3), ("qa1", "4k", 3)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["accuracy"] == r["correct"] / r["n"] for r in results)
+    for length in ("0k", "4k"):
+        rows = [json.loads(line) for line in (out / "predictions" / f"qa1_{length}.jsonl").read_text().splitlines()]
+        assert [r["index"] for r in rows] == [0, 1, 2]
+        assert all({"question", "target", "output", "correct"} <= r.keys() for r in rows)
+        assert (out / "data" / "qa1" / f"{length}.json").exists()
+    png = (out / "babilong_heatmap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+
+    # A second run finds everything done; a stopped run (predictions cut short) only redoes what is missing.
+    predictions = out / "predictions" / "qa1_4k.jsonl"
+    kept = predictions.read_text().splitlines()[:2]
+    predictions.write_text("\n".join(kept) + "\n")
+    (out / "results.json").write_text(json.dumps(results[:1]))
+    run_cli(*args)
+    rows = predictions.read_text().splitlines()
+    assert rows[:2] == kept and len(rows) == 3
+    assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_generate_only_writes_offline_data(tmp_path, one_thread):
+    hay = write_haystack(tmp_path / "hay.txt")
+    run_cli("--generate-only", "--tasks", "qa4,qa5", "--lengths", "0k,2k", "--samples", 5, "--seed", 3,
+            "--haystack", hay, "--output", tmp_path)
+    for task in ("qa4", "qa5"):
+        for length in ("0k", "2k"):
+            records = json.loads((tmp_path / "data" / task / f"{length}.json").read_text())
+            assert len(records) == 5 and set(records[0]) == {"input", "question", "target"}
+
+
+def test_unreachable_hub_ids_fail_fast_pointing_to_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "HUB_TIMEOUT_S", 5.0)
+    start = time.monotonic()
+    with pytest.raises(SystemExit):
+        run_cli("--model", "armt-hf-tests/no-such-model-7f3a", "--tasks", "qa1", "--lengths", "0k",
+                "--output", tmp_path)
+    model_error = capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli("--model", tmp_path, "--dataset", "armt-hf-tests/no-such-dataset-7f3a", "--tasks", "qa1",
+                "--lengths", "0k", "--output", tmp_path / "out")
+    data_error = capsys.readouterr().err
+    assert time.monotonic() - start < 30
+    assert "no-such-model-7f3a" in model_error and "--offline" in model_error
+    assert "no-such-dataset-7f3a" in data_error and "--offline" in data_error
+
+
+def test_missing_default_model_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "DEFAULT_MODEL", tmp_path / "models" / "armt-babilong-qa1")
+    with pytest.raises(SystemExit):
+        run_cli("--offline", "--tasks", "qa1", "--lengths", "0k", "--output", tmp_path)
+    err = capsys.readouterr().err
+    assert "armt-babilong-qa1" in err and "does not exist" in err and "--model" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "qa99"], "qa99"),
+    (["--lengths", "4kb"], "4kb"),
+    (["--samples", "0"], "--samples"),
+    (["--generate-only", "--tasks", "qa7"], "qa7"),
+])
+def test_bad_arguments_are_reported(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(*argv, "--output", tmp_path, "--offline")
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["eval.babilong", "eval.associative_retrieval", "eval.haystack"])
+def test_every_command_has_help(module):
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and "usage:" in result.stdout

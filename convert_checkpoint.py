@@ -45,7 +45,9 @@ MEMORY_PROJECTIONS = {"W_mq": "q_proj", "W_mk": "k_proj", "W_mv": "v_proj", "W_m
 SOURCE_FORMATS = ("research", "outer-loop", "inner-loop")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Weight files looked for in a source folder, in order of preference.
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+WEIGHT_FILES = (
+    "model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Config fields of the authors' ARMTConfig that, when set, describe behaviour this project does not implement.
 QK_NORM_FIELDS = ("use_qk_norm", "qk_norm", "normalize_keys")
@@ -205,6 +207,11 @@ def detect_format(keys) -> str:
         return "research"
     if "memory" in keys and any(k.startswith("model.") and ".W_mq." in k for k in keys):
         return "inner-loop"
+    if "memory_embeddings" in keys and any(k.startswith("backbone.") for k in keys):
+        raise ConversionError(
+            "The checkpoint is already in this project's layout (`memory_embeddings`, `backbone.*`): load its folder "
+            "with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True); there is nothing to convert."
+        )
     raise ConversionError(
         f"Cannot tell the checkpoint's layout from its keys ({_key_list(keys, limit=5)}). Known layouts: research "
         "(`memory_cell.memory`, `memory_cell.model...`), outer-loop Hub (`armt.memory_cell...`), inner-loop Hub "
@@ -303,7 +310,10 @@ def _split_position_table(mapped: dict[str, torch.Tensor], model: ARMTForCausalL
     expected = stock_rows + model.config.num_mem_tokens
     if table is None or table.shape[0] != expected:
         found = None if table is None else tuple(table.shape)
-        raise ConversionError(f"wrap_pos expects {key} with {expected} rows (n_positions + num_mem_tokens), got {found}.")
+        raise ConversionError(
+            f"wrap_pos expects {key} with {expected} rows (n_positions + num_mem_tokens), got {found}; "
+            "drop --wrap-pos if the checkpoint was trained without it."
+        )
     mapped[key] = table[:stock_rows]
     mapped["memory_position_embeddings"] = table[stock_rows:]
 
@@ -382,24 +392,25 @@ def find_unsupported(config: dict | None, state: dict[str, torch.Tensor], code_f
     if "memory_cell.sink" in state and not config.get("use_sink"):
         found.append("a sink token (the weights hold `sink`)")
     layer_re = re.compile(r"^memory_cell\.(?:model\..+|layers)\.(\d+)\.(W_mb\.weight|act\..+)$")
+    kinds = set()  # one weight-based finding per kind is enough
     for key, tensor in state.items():
         match = layer_re.match(key)
         if not match:
             continue
         if match.group(2).startswith("act."):
-            if not config.get("act_on"):
+            if not config.get("act_on") and "act" not in kinds:
+                kinds.add("act")
                 found.append(f"ACT, adaptive computation time (the weights hold {key})")
-        elif tensor.shape[0] > 1 and not config.get("gating") and config.get("n_heads", 1) == 1:
+        elif tensor.shape[0] > 1 and not config.get("gating") and (config.get("n_heads") or 1) == 1:
             rows, width = tensor.shape[0], tensor.shape[-1]
-            what = "vector gating of memory writes" if rows == width else f"{rows} memory heads"
-            found.append(f"{what} (the weights hold {key} of shape {tuple(tensor.shape)})")
-        else:
-            continue
-        break  # one weight-based finding per kind is enough
+            kind = "vector gating of memory writes" if rows == width else f"{rows} memory heads"
+            if kind not in kinds:
+                kinds.add(kind)
+                found.append(f"{kind} (the weights hold {key} of shape {tuple(tensor.shape)})")
     return list(dict.fromkeys(found))
 
 
-# ------------------------------------------------------------------------------------------- configs and hyper-parameters
+# ------------------------------------------------------------------------------------- configs and hyper-parameters
 
 
 def load_backbone_config(spec: str | dict) -> dict:
@@ -442,8 +453,8 @@ def resolve_backbone(base_config: str | None, source: Source) -> tuple[dict, str
         return load_backbone_config(base_config), base_config
     config = source.config or {}
     if is_armt_config(config):
-        if config.get("base_model_config"):
-            spec = config["base_model_config"]
+        if config.get("base_model_config") or config.get("base_config"):
+            spec = config.get("base_model_config") or config["base_config"]
             return load_backbone_config(spec), spec if isinstance(spec, str) else config.get("base_model_name")
         if config.get("base_model_name"):
             return load_backbone_config(config["base_model_name"]), config["base_model_name"]
@@ -679,6 +690,7 @@ def model_card(
     rows = "\n".join(f"| `{k}` | `{v}` | {origin.get(k, '-')} | {what} |" for k, v, what in params)
     layers = getattr(base, "num_hidden_layers", "?")
     notes = "".join(f"\n- {w}" for w in warnings)
+    backbone_note = f", backbone `{backbone_name}`" if isinstance(backbone_name, str) else ""
     tokenizer_line = (
         "tokenizer = AutoTokenizer.from_pretrained(path)\n"
         if has_tokenizer
@@ -696,7 +708,7 @@ segment, written by {config.num_mem_tokens} memory tokens at the end of every se
 ## Origin
 
 Converted by `convert_checkpoint.py` of the armt-hf project from the **{source_format}** layout
-(source: `{name}`{f", backbone `{backbone_name}`" if isinstance(backbone_name, str) else ""}). Saved as `{str(dtype).replace("torch.", "")}`.
+(source: `{name}`{backbone_note}). Saved as `{str(dtype).replace("torch.", "")}`.
 The weights are the source's, renamed to stock transformers keys (`backbone.*`) plus `memory_embeddings`,
 `memory_layers.N.{{q,k,v,b}}_proj` and, with wrap_pos, `memory_position_embeddings`.
 
@@ -761,7 +773,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--source-format", choices=SOURCE_FORMATS, help="the layout (default: detected from the keys)")
     source.add_argument("--source-config", type=Path, metavar="CONFIG.json",
                         help="the source's config.json (default: the one in the checkpoint's folder, if any)")
-    source.add_argument("--source-name", metavar="NAME", help="where the checkpoint came from (e.g. its Hub id), for the model card")
+    source.add_argument("--source-name", metavar="NAME",
+                        help="where the checkpoint came from (e.g. its Hub id), for the model card")
     source.add_argument("--base-config", metavar="CONFIG",
                         help="backbone config: a config JSON, a folder or a Hub id (default: from the source config)")
     hyper = parser.add_argument_group("hyper-parameters (default: the source's config.json, else the weights)")
@@ -779,7 +792,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="saved dtype (auto: the source's)")
     out.add_argument("--tokenizer", metavar="PATH_OR_ID",
                      help="tokenizer to bundle: a folder or a Hub id (default: the source folder's, if it has one)")
-    out.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="split model.safetensors into shards of this size")
+    out.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                     help="split model.safetensors into shards of this size (default 5GB)")
     out.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                      help="reload the folder and compare its logits with the converted model (default: on)")
     out.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub model repo")
@@ -840,7 +854,9 @@ def convert(args: argparse.Namespace) -> Path:
         logger.warning("warning: %s", warning)
     tokenizer = _load_tokenizer(args.tokenizer, source)
     if tokenizer is not None and len(tokenizer) > config.vocab_size:
-        logger.warning("warning: the tokenizer has %d tokens, the model's vocabulary %d", len(tokenizer), config.vocab_size)
+        logger.warning(
+            "warning: the tokenizer has %d tokens, the model's vocabulary %d", len(tokenizer), config.vocab_size
+        )
     model = build_model(state, config, dtype=dtype)
     del state
     source.state = {}

@@ -177,7 +177,8 @@ def test_outer_and_inner_loop_hub_layouts_convert_to_identical_logits(case, tmp_
     """Everything (backbone, hyper-parameters, tokenizer) comes from the Hub folders themselves: no flags."""
     outer = _outer_loop_folder(case, tmp_path / "outer")
     inner = _inner_loop_folder(case, tmp_path / "inner", tokenizer=tiny_tokenizer)
-    for source, output in ((outer / "model.safetensors.index.json", tmp_path / "out-outer"), (inner, tmp_path / "out-inner")):
+    for source, output in ((outer / "model.safetensors.index.json", tmp_path / "out-outer"),
+                           (inner, tmp_path / "out-inner")):
         code, err = _convert(["--checkpoint", source, "--output", output], capsys)
         assert code == 0, err
 
@@ -188,7 +189,8 @@ def test_outer_and_inner_loop_hub_layouts_convert_to_identical_logits(case, tmp_
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_armt.ARMTForCausalLM"
     card = (tmp_path / "out-inner" / "README.md").read_text()
     assert "inner-loop" in card and f"| `segment_size` | `{_spec(case)['segment_size']}` | config |" in card
-    assert AutoTokenizer.from_pretrained(tmp_path / "out-inner")("mary went to the garden")["input_ids"] == [3, 5, 6, 7, 9]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out-inner")
+    assert tokenizer("mary went to the garden")["input_ids"] == [3, 5, 6, 7, 9]
 
     expected = load_file(FIXTURES / case / "expected.safetensors")
     outer_logits = _logits(tmp_path / "out-outer", expected["input_ids"])
@@ -226,7 +228,8 @@ def test_dtype_shards_and_tokenizer(tmp_path, capsys, tiny_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert model.dtype == torch.bfloat16
     assert len(AutoTokenizer.from_pretrained(out)) == 14
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == spec["base_config"]["eos_token_id"]
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == spec["base_config"]["eos_token_id"]
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
 
 
@@ -275,7 +278,8 @@ def _bad_source(kind: str, tmp_path: Path) -> tuple[list, list[str]]:
         torch.save(state, tmp_path / "untied.bin")
         return ["--checkpoint", tmp_path / "untied.bin", *common], ["ties weights", "tie_word_embeddings=false"]
     if kind == "unknown_layout":
-        save_file({"encoder.weight": torch.zeros(2, 2), "decoder.bias": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+        foreign = {"encoder.weight": torch.zeros(2, 2), "decoder.bias": torch.zeros(2)}
+        save_file(foreign, tmp_path / "foreign.safetensors")
         return ["--checkpoint", tmp_path / "foreign.safetensors", *common], [
             "Cannot tell the checkpoint's layout", "encoder.weight", "--source-format"]
     if kind == "forced_wrong_layout":
@@ -300,7 +304,8 @@ def _bad_source(kind: str, tmp_path: Path) -> tuple[list, list[str]]:
         state = _research_state(case)
         state["memory_cell.extra"] = _RunsCode(tmp_path / "code-ran")
         torch.save(state, tmp_path / "evil.bin")
-        return ["--checkpoint", tmp_path / "evil.bin", *common], ["Could not read the checkpoint", "nothing was executed"]
+        return ["--checkpoint", tmp_path / "evil.bin", *common], [
+            "Could not read the checkpoint", "nothing was executed"]
     if kind == "no_segment_size":
         return ["--checkpoint", bin_path, "--base-config", base], ["segment_size", "--segment-size"]
     if kind == "no_backbone":

@@ -1,9 +1,10 @@
 """A tiny local stand-in for the Hugging Face Hub HTTP API, for testing `convert_checkpoint.py --push-to-hub` offline.
 
 It speaks the subset that huggingface_hub's `create_repo`, `upload_folder` and `hf_hub_download` (hence
-`from_pretrained`) use: repo creation, model-card metadata validation, preupload (every file is a "regular" upload, so no LFS / Xet storage is
-involved), NDJSON commits with base64 file contents, `resolve` HEAD/GET, and repo info. It binds to 127.0.0.1 only,
-keeps everything in memory, checks a bearer token, and stops itself after `lifetime_s` at the latest.
+`from_pretrained`) use: repo creation, model-card metadata validation, preupload (every file is a "regular" upload,
+so no LFS / Xet storage is involved), NDJSON commits with base64 file contents, `resolve` HEAD/GET, and repo info.
+It binds to 127.0.0.1 only, keeps everything in memory, checks a bearer token, and stops itself after `lifetime_s`
+at the latest.
 """
 
 import base64

@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "armt-babilong-qa1"  # filled by the BABILong training issue
 HUB_TIMEOUT_S = 5.0
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
 class EvalError(Exception):
@@ -98,13 +99,16 @@ def load_tokenizer(tokenizer: str | None, model_path: str):
     if tokenizer == "gpt2":
         return gpt2_tokenizer()
     source = tokenizer or model_path
+    local = Path(source)
+    if tokenizer is None and local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
+        logger.warning("No tokenizer in %s; using the GPT-2 tokenizer (pass --tokenizer to choose).", model_path)
+        return gpt2_tokenizer()
     try:
         loaded = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
     except Exception as err:
-        if tokenizer is not None:
-            raise EvalError(f"Cannot load tokenizer {tokenizer!r}: {err}") from err
-        logger.warning("No tokenizer in %s; using the GPT-2 tokenizer (pass --tokenizer to choose).", model_path)
-        return gpt2_tokenizer()
+        raise EvalError(f"Cannot load a tokenizer from {source!r} ({err}); pass --tokenizer PATH or gpt2.") from err
+    if not loaded("Where is Mary?", add_special_tokens=False)["input_ids"]:
+        raise EvalError(f"The tokenizer of {source!r} encodes text to nothing (no vocabulary files?); pass --tokenizer.")
     if loaded.pad_token_id is None:
         loaded.pad_token = loaded.eos_token
     return loaded

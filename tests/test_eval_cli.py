@@ -124,3 +124,22 @@ def test_every_command_has_help(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_left_padded_batches_answer_like_single_samples(tmp_path, one_thread):
+    """Any causal LM works; with a stock GPT-2, left-padded batches give the same answers as batch size 1."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    backbone = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=256, vocab_size=50257)
+    AutoModelForCausalLM.from_config(backbone).save_pretrained(tmp_path / "gpt2")
+    outputs = {}
+    for batch_size in (1, 4):
+        out = tmp_path / f"bs{batch_size}"
+        run_cli("--model", tmp_path / "gpt2", "--tasks", "qa2", "--lengths", "0k", "--offline", "--samples", 4,
+                "--batch-size", batch_size, "--output", out)
+        lines = (out / "predictions" / "qa2_0k.jsonl").read_text().splitlines()
+        outputs[batch_size] = [json.loads(line)["output"] for line in lines]
+    inputs = json.loads((tmp_path / "bs4" / "data" / "qa2" / "0k.json").read_text())
+    assert len({len(r["input"]) for r in inputs}) > 1  # prompts of different lengths: the batch is padded
+    assert outputs[1] == outputs[4]

@@ -1,0 +1,35 @@
+"""Smoke test of the benchmark entry point: tiny models, one short prompt, all outputs written (no timing checks)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_smoke_writes_json_markdown_and_plots(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "bench", "--tiny", "--threads", "1", "--models", "armt-gpt2", "gpt2",
+           "--lengths", "64", "--quiet", "--output", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    data = json.loads((out / "results.json").read_text())
+    assert data["settings"]["threads"] == 1
+    assert {r["summary"]["model"] for r in data["runs"]} == {"armt-gpt2", "gpt2"}
+    for run in data["runs"]:
+        summary = run["summary"]
+        assert summary["segments"] == 2 and summary["segment_median_ms"] > 0 and summary["peak_rss_mib"] > 0
+        assert summary["generated_tokens"] > 0 and summary["mfu"] > 0
+    assert data["matmul_gflops"] > 0
+
+    report = (out / "results.md").read_text()
+    assert "| model | prompt tokens |" in report and "armt-gpt2" in report and "threads pinned to 1" in report
+    for name in ("prefill.png", "memory.png", "generation.png", "mfu.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_help():
+    proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "--quick" in proc.stdout and "--device" in proc.stdout

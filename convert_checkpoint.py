@@ -690,7 +690,9 @@ def model_card(
     rows = "\n".join(f"| `{k}` | `{v}` | {origin.get(k, '-')} | {what} |" for k, v, what in params)
     layers = getattr(base, "num_hidden_layers", "?")
     notes = "".join(f"\n- {w}" for w in warnings)
-    backbone_note = f", backbone `{backbone_name}`" if isinstance(backbone_name, str) else ""
+    backbone_note = ""
+    if isinstance(backbone_name, str):  # a Hub id as is; of a local path only its name (no local paths in a card)
+        backbone_note = f", backbone `{Path(backbone_name).name if Path(backbone_name).exists() else backbone_name}`"
     tokenizer_line = (
         "tokenizer = AutoTokenizer.from_pretrained(path)\n"
         if has_tokenizer

@@ -189,6 +189,7 @@ def test_outer_and_inner_loop_hub_layouts_convert_to_identical_logits(case, tmp_
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_armt.ARMTForCausalLM"
     card = (tmp_path / "out-inner" / "README.md").read_text()
     assert "inner-loop" in card and f"| `segment_size` | `{_spec(case)['segment_size']}` | config |" in card
+    assert str(tmp_path) not in card and "inner-backbone" in card  # the backbone folder by name, not local path
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out-inner")
     assert tokenizer("mary went to the garden")["input_ids"] == [3, 5, 6, 7, 9]
 

@@ -827,6 +827,9 @@ def convert(args: argparse.Namespace) -> Path:
         raise ConversionError(f"{output} exists; pass --overwrite to replace it.")
     logger.info("reading %s", args.checkpoint)
     source = read_source(args.checkpoint, args.source_config)
+    inside = [f for f in source.files if output.resolve() in (f.resolve(), *f.resolve().parents)]
+    if inside:
+        raise ConversionError(f"--output {output} holds the source {inside[0].name}; choose another output folder.")
     source_format = args.source_format or detect_format(source.state)
     logger.info("layout: %s (%d tensors)", source_format, len(source.state))
     state = to_research_layout(source.state, source_format)

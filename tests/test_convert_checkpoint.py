@@ -314,6 +314,9 @@ def _bad_source(kind: str, tmp_path: Path) -> tuple[list, list[str]]:
     if kind == "offline_backbone_id":
         return ["--checkpoint", bin_path, "--segment-size", 10, "--base-config", "no-such-org/no-such-model"], [
             "Could not get the backbone config", "no-such-org/no-such-model"]
+    if kind == "output_is_source":
+        folder = _outer_loop_folder(case, tmp_path / "out")
+        return ["--checkpoint", folder, "--overwrite"], ["holds the source", "another output folder"]
     if kind == "existing_output":
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "keep.txt").write_text("mine")
@@ -323,7 +326,7 @@ def _bad_source(kind: str, tmp_path: Path) -> tuple[list, list[str]]:
 
 BAD_INPUTS = ["truncated", "wrong_shape", "missing_keys", "untied_head", "unknown_layout", "forced_wrong_layout",
               "refused_config_options", "refused_l2_code", "refused_vector_gating", "pickled_code", "no_segment_size",
-              "no_backbone", "offline_backbone_id", "existing_output"]
+              "no_backbone", "offline_backbone_id", "output_is_source", "existing_output"]
 
 
 @needs_shared

@@ -31,7 +31,6 @@ from .common import (
     batches,
     greedy_generate,
     hub_reachable,
-    is_armt,
     load_model,
     load_tokenizer,
     pick_device,
@@ -159,14 +158,13 @@ def evaluate_split(model, tokenizer, records: Iterator[dict], total: int | None,
                 row = json.loads(line)
                 done[row["index"]] = row
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    equal_lengths = is_armt(model)  # ARMT batches without padding (see README: left-padded ARMT batches)
     progress = tqdm(total=total, desc=f"{task} {length}", unit="sample")
     pending: list[tuple[int, dict, list[int]]] = []
 
     def flush():
         ids = [p for _, _, p in pending]
         with open(predictions, "a", encoding="utf-8") as f:
-            for batch in batches(ids, args.batch_size, equal_lengths):
+            for batch in batches(ids, args.batch_size):
                 outputs = greedy_generate(model, [ids[i] for i in batch], args.max_new_tokens, pad,
                                           tokenizer.eos_token_id)
                 for i, tokens in zip(batch, outputs):

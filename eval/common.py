@@ -114,26 +114,17 @@ def load_tokenizer(tokenizer: str | None, model_path: str):
     return loaded
 
 
-def is_armt(model) -> bool:
-    return getattr(model.config, "model_type", None) == "armt"
-
-
-def batches(prompts: list[list[int]], batch_size: int, equal_lengths: bool) -> list[list[int]]:
-    """Index batches in order; with `equal_lengths` a batch only holds prompts of one length (no padding)."""
-    out: list[list[int]] = []
-    for i, prompt in enumerate(prompts):
-        if out and len(out[-1]) < batch_size and (not equal_lengths or len(prompts[out[-1][0]]) == len(prompt)):
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
+def batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Consecutive index batches of at most `batch_size` prompts (left-padded together by greedy_generate)."""
+    return [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
 
 
 @torch.no_grad()
 def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int,
                     eos_token_id: int | None) -> list[list[int]]:
     """Greedy continuations of left-padded prompts (one batch). ARMT's generate() reads the prompt segment by
-    segment through its cache, so memory does not grow with the prompt length."""
+    segment through its cache (each row's segments start at its first real token), so memory does not grow with
+    the prompt length."""
     device = next(model.parameters()).device
     width = max(map(len, prompts))
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -29,6 +30,7 @@ from .common import (
     DEFAULT_MODEL,
     EvalError,
     batches,
+    encode_long,
     greedy_generate,
     hub_reachable,
     load_model,
@@ -133,19 +135,19 @@ def plot_heatmap(results: list[dict], path: Path, title: str = "") -> Path:
 # Evaluation
 
 
-def encode_prompt(tokenizer, record: dict, task: str, prompt: str, separator: str, chat_template: bool) -> list[int]:
+def encode_prompt(tokenizer, record: dict, task: str, prompt: str, separator: str, chat_template: bool) -> np.ndarray:
     """Token ids of one sample's prompt. Raw: context, question and separator tokenized separately and concatenated
     (as the memory models were fine-tuned). Instruct: BABILong's template, in the tokenizer's chat template if any."""
     prefix = tokenizer("", add_special_tokens=True)["input_ids"]  # BOS for tokenizers that add one
     if prompt == "raw":
         parts = raw_prompt_parts(record["input"], record["question"], separator)
-        return prefix + [i for part in parts if part for i in tokenizer(part, add_special_tokens=False)["input_ids"]]
+        return np.concatenate([np.asarray(prefix, dtype=np.int64)] + [encode_long(tokenizer, p) for p in parts if p])
     text = instruct_prompt(task, record["input"], record["question"].strip())
     if chat_template and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return prefix + tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_long(tokenizer, text)
+    return np.concatenate([np.asarray(prefix, dtype=np.int64), encode_long(tokenizer, text)])
 
 
 def evaluate_split(model, tokenizer, records: Iterator[dict], total: int | None, task: str, length: str,
@@ -159,7 +161,7 @@ def evaluate_split(model, tokenizer, records: Iterator[dict], total: int | None,
                 done[row["index"]] = row
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     progress = tqdm(total=total, desc=f"{task} {length}", unit="sample")
-    pending: list[tuple[int, dict, list[int]]] = []
+    pending: list[tuple[int, dict, np.ndarray]] = []
 
     def flush():
         ids = [p for _, _, p in pending]

@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -114,13 +115,43 @@ def load_tokenizer(tokenizer: str | None, model_path: str):
     return loaded
 
 
+CHUNK_CHARS = 200_000
+
+
+def _splits_at_spaces(tokenizer) -> bool:
+    """Whether encoding text piecewise, cut before a single space, gives the same ids as encoding it whole
+    (true for byte-level BPE such as GPT-2's)."""
+    text = "Mary went to the kitchen. Then she left"
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    parts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Mary went to the kitchen.", " Then she left")]
+    return whole == parts[0] + parts[1]
+
+
+def encode_long(tokenizer, text: str, chunk_chars: int = CHUNK_CHARS) -> np.ndarray:
+    """Token ids of a text of any size without building the tokenizer's per-token structures for all of it at
+    once (they take ~650 bytes per token): the text is cut before single spaces into chunks encoded one by one."""
+    if len(text) <= chunk_chars or not _splits_at_spaces(tokenizer):
+        return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + chunk_chars)
+        if end < len(text):
+            cut = text.rfind(" ", start + chunk_chars // 2, end)
+            while cut > start and (text[cut - 1].isspace() or cut + 1 >= len(text) or text[cut + 1].isspace()):
+                cut = text.rfind(" ", start + chunk_chars // 2, cut)
+            end = cut if cut > start else end
+        pieces.append(np.asarray(tokenizer(text[start:end], add_special_tokens=False)["input_ids"], dtype=np.int64))
+        start = end
+    return np.concatenate(pieces)
+
+
 def batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
     """Consecutive index batches of at most `batch_size` prompts (left-padded together by greedy_generate)."""
     return [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
 
 
 @torch.no_grad()
-def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int,
+def greedy_generate(model, prompts: list[list[int] | np.ndarray], max_new_tokens: int, pad_token_id: int,
                     eos_token_id: int | None) -> list[list[int]]:
     """Greedy continuations of left-padded prompts (one batch). ARMT's generate() reads the prompt segment by
     segment through its cache (each row's segments start at its first real token), so memory does not grow with
@@ -130,7 +161,7 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_to
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        input_ids[row, width - len(prompt):] = torch.as_tensor(np.asarray(prompt), dtype=torch.long)
         attention_mask[row, width - len(prompt):] = 1
     output = model.generate(
         input_ids=input_ids.to(device),

@@ -145,3 +145,12 @@ def test_r_lazy_load_database_is_parsed_without_r(tmp_path):
 def test_bad_lengths_are_rejected(bad):
     with pytest.raises(ValueError):
         parse_length(bad)
+
+
+def test_long_texts_are_tokenized_in_chunks_exactly(haystack):
+    from eval.common import encode_long
+
+    tokenizer = gpt2_tokenizer()
+    text = " ".join(haystack.sentences[:300]) + "  two  spaces and\nnewlines \n end"
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert encode_long(tokenizer, text, chunk_chars=500).tolist() == whole

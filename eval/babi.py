@@ -234,7 +234,8 @@ class _World:
         if kind == "move":
             return [(a,) for a in self.actors]
         if kind == "get":
-            return [(a, o) for a in self.actors for o in OBJECTS if self.holder[o] is None and self.obj_loc[o] == self.loc[a]]
+            return [(a, o) for a in self.actors for o in OBJECTS
+                    if self.holder[o] is None and self.obj_loc[o] == self.loc[a]]
         if kind == "drop":
             return [(a, o) for o, a in self.holder.items() if a is not None]
         return [(a, o, b) for o, a in self.holder.items() if a is not None

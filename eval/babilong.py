@@ -316,7 +316,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     meta = {"model": model_path, "prompt": args.prompt,
             "data": "offline" if root is not None else (args.dataset or HUB_DATASETS[0])}
     results = load_results(output)
-    finished = {(r["task"], r["length"]) for r in results if r.get("n") == args.samples and r.get("model") == model_path}
+    finished = {(r["task"], r["length"]) for r in results
+                if r.get("n") == args.samples and r.get("model") == model_path}
     for task in tasks:
         for length in lengths:
             if (task, length) in finished:

@@ -53,7 +53,8 @@ def resolve_model(model: str | None, offline: bool) -> str:
     if Path(model).exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise EvalError(f"--model {model!r} is not a model folder (expected a folder with config.json).")
     if offline:
-        raise EvalError(f"--offline: {model!r} is not a local folder, so it would need the Hub. Pass a local model folder.")
+        raise EvalError(f"--offline: {model!r} is not a local folder, so it would need the Hub. "
+                        "Pass a local model folder.")
     ok, why = hub_reachable(model, repo_type="model")
     if not ok:
         raise EvalError(
@@ -109,7 +110,8 @@ def load_tokenizer(tokenizer: str | None, model_path: str):
     except Exception as err:
         raise EvalError(f"Cannot load a tokenizer from {source!r} ({err}); pass --tokenizer PATH or gpt2.") from err
     if not loaded("Where is Mary?", add_special_tokens=False)["input_ids"]:
-        raise EvalError(f"The tokenizer of {source!r} encodes text to nothing (no vocabulary files?); pass --tokenizer.")
+        raise EvalError(f"The tokenizer of {source!r} encodes text to nothing (no vocabulary files?); "
+                        "pass --tokenizer.")
     if loaded.pad_token_id is None:
         loaded.pad_token = loaded.eos_token
     return loaded
@@ -123,7 +125,8 @@ def _splits_at_spaces(tokenizer) -> bool:
     (true for byte-level BPE such as GPT-2's)."""
     text = "Mary went to the kitchen. Then she left"
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
-    parts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Mary went to the kitchen.", " Then she left")]
+    parts = [tokenizer(t, add_special_tokens=False)["input_ids"]
+             for t in ("Mary went to the kitchen.", " Then she left")]
     return whole == parts[0] + parts[1]
 
 

@@ -84,7 +84,8 @@ class SampleBuilder:
                     sentence = self.tokenizer.decode(ids)[1:]
                 yield sentence
 
-    def samples(self, task: str, length: str, babi_dir: str | Path | None = None) -> Iterator[tuple[Iterator[str], str, str]]:
+    def samples(self, task: str, length: str,
+                babi_dir: str | Path | None = None) -> Iterator[tuple[Iterator[str], str, str]]:
         """Endless (input pieces, question, target) of `task` at `length`; the same bAbI stories at every length."""
         tokens = parse_length(length)
         rng = random.Random(f"babilong-{task}-{length}-{self.seed}")

@@ -31,7 +31,8 @@ DEFAULT_PROMPTS: dict[str, dict[str, str]] = {
         ),
         "post_prompt": (
             "Always return your answer in the following format: "
-            "The most recent location of \u2019person\u2019 is \u2019location\u2019. Do not write anything else after that."
+            "The most recent location of \u2019person\u2019 is \u2019location\u2019. "
+            "Do not write anything else after that."
         ),
     },
     "qa2": {

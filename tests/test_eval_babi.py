@@ -1,4 +1,5 @@
-"""The offline bAbI generator follows the rules of the released bAbI v1.2 files (checked against ../shared when present)."""
+"""The offline bAbI generator follows the rules of the released bAbI v1.2 files (checked against ../shared when
+present)."""
 
 import itertools
 import re

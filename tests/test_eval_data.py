@@ -132,7 +132,8 @@ def _r_character_vector(strings):
 
 
 def test_r_lazy_load_database_is_parsed_without_r(tmp_path):
-    novels = [["EMMA", "", "Emma Woodhouse, handsome, clever, and rich."], ["PERSUASION", "Sir Walter Elliot\u2019s book."]]
+    novels = [["EMMA", "", "Emma Woodhouse, handsome, clever, and rich."],
+              ["PERSUASION", "Sir Walter Elliot\u2019s book."]]
     rdb = b""
     for lines in novels:
         raw = _r_character_vector(lines)

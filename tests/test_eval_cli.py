@@ -151,3 +151,17 @@ def test_left_padded_batches_answer_like_single_samples(family, tiny_model, tmp_
     inputs = json.loads((tmp_path / "bs4" / "data" / "qa2" / "0k.json").read_text())
     assert len({len(r["input"]) for r in inputs}) > 1  # prompts of different lengths: the batch is padded
     assert outputs[1] == outputs[4]
+
+
+def test_raw_and_instruct_prompts():
+    from eval.tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    record = {"input": "Mary went to the office. It rained all day long in the town.", "question": "Where is Mary? ",
+              "target": "office"}
+    raw = babilong.encode_prompt(tokenizer, record, "qa1", "raw", "GEN", True).tolist()
+    parts = [tokenizer(t)["input_ids"] for t in (record["input"], record["question"], "GEN")]
+    assert raw == parts[0] + parts[1] + parts[2] and raw[-1] == 35353
+    instruct = tokenizer.decode(babilong.encode_prompt(tokenizer, record, "qa1", "instruct", "GEN", True))
+    assert instruct.startswith("I will give you context with the facts about positions of different persons")
+    assert f"<context>\n{record['input']}\n</context>\n\nQuestion: Where is Mary?" in instruct

@@ -9,6 +9,7 @@ import datasets
 import numpy as np
 import pytest
 
+from conftest import SHARED
 from eval.babi import babi_samples
 from eval.data import (
     PROMPT_RESERVE,
@@ -155,3 +156,14 @@ def test_long_texts_are_tokenized_in_chunks_exactly(haystack):
     text = " ".join(haystack.sentences[:300]) + "  two  spaces and\nnewlines \n end"
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert encode_long(tokenizer, text, chunk_chars=500).tolist() == whole
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "babi-v1.2-en-test").exists(), reason="../shared bAbI files are not present")
+def test_real_babi_files_can_replace_the_generator(tmp_path, haystack):
+    babi_dir = SHARED / "data" / "babi-v1.2-en-test"
+    generate_data(tmp_path, ["qa1"], ["0k", "1k"], 3, 0, haystack, gpt2_tokenizer(), babi_dir=babi_dir)
+    records = json.loads(data_file(tmp_path, "qa1", "0k").read_text())
+    assert records[0] == {"input": "John travelled to the hallway. Mary journeyed to the bathroom.",
+                          "question": "Where is John? ", "target": "hallway"}
+    long = json.loads(data_file(tmp_path, "qa1", "1k").read_text())
+    assert [r["target"] for r in long] == [r["target"] for r in records]

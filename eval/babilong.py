@@ -39,7 +39,7 @@ from .common import (
     pick_dtype,
     resolve_model,
 )
-from .data import HUB_DATASETS, data_file, generate_data, hub_records, iter_json_records, parse_length
+from .data import HUB_DATASETS, HUB_LENGTHS, data_file, generate_data, hub_records, iter_json_records, parse_length
 from .metrics import TASK_LABELS, score
 from .prompts import RAW_SEPARATOR, instruct_prompt, raw_prompt_parts
 
@@ -305,6 +305,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     output = Path(args.output or Path("outputs") / "babilong" / Path(model_path).name)
     output.mkdir(parents=True, exist_ok=True)
     source = data_source(args)
+    if source == "hub" and any(n not in HUB_LENGTHS for n in lengths):
+        raise EvalError(f"The Hub dataset has lengths {', '.join(HUB_LENGTHS)}; for others use --offline.")
     root = prepare_local_data(args, output, tasks, lengths) if source == "local" else None
 
     if args.threads:

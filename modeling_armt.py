@@ -12,6 +12,7 @@ otherwise.
 """
 
 import contextvars
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from torch import nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -412,6 +413,7 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
     def __init__(self, config: ARMTConfig):
         super().__init__(config)
         self.backbone = AutoModelForCausalLM.from_config(config.base_config)
+        self.generation_config = GenerationConfig.from_model_config(config.base_config)  # eos/bos/pad of the backbone
         self.memory_embeddings = nn.Parameter(torch.zeros(config.num_mem_tokens, config.hidden_size))
         self.memory_position_embeddings = (
             nn.Parameter(torch.zeros(config.num_mem_tokens, config.hidden_size)) if config.wrap_pos else None
@@ -433,6 +435,7 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             backbone = AutoModelForCausalLM.from_pretrained(backbone)
         model = cls(ARMTConfig(base_config=backbone.config, **armt_kwargs))
         model.backbone.load_state_dict(backbone.state_dict())
+        model.generation_config = copy.deepcopy(backbone.generation_config)
         model.to(backbone.dtype)
         return model
 

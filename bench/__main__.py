@@ -37,10 +37,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         help="weights/activations dtype (default: fp32 on cpu, bf16 on cuda)")
     parser.add_argument("--gen-tokens", type=int, help="greedy tokens generated after each prompt (quick 16, full 64)")
     parser.add_argument("--min-samples", type=int,
-                        help="stream short prompts again until this many segments are timed (quick 16, full 32)")
+                        help="stream short prompts again until this many segments are timed (quick 8, full 32)")
     parser.add_argument("--budget-s", type=float,
                         help="skip a model's longer prompts once a run is projected to exceed this many seconds "
-                             "(quick 120, full 3600)")
+                             "(quick 60, full 3600)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and prompts (smoke test, seconds)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars and no printed report")
@@ -56,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         device=args.device,
         dtype=args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"),
         gen_tokens=args.gen_tokens if args.gen_tokens is not None else (4 if args.tiny else 16 if quick else 64),
-        min_samples=args.min_samples if args.min_samples is not None else (4 if args.tiny else 16 if quick else 32),
-        budget_s=args.budget_s if args.budget_s is not None else (120.0 if quick else 3600.0),
+        min_samples=args.min_samples if args.min_samples is not None else (4 if args.tiny else 8 if quick else 32),
+        budget_s=args.budget_s if args.budget_s is not None else (60.0 if quick else 3600.0),
         tiny=args.tiny,
         seed=args.seed,
         output=args.output,

@@ -37,14 +37,14 @@ def backbone_config(family: str, tiny: bool = False, max_positions: int = 1024):
     from transformers import GPT2Config, LlamaConfig, MambaConfig
 
     if family == "gpt2":
-        size = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=256) if tiny else dict(
+        size = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=256, bos_token_id=0, eos_token_id=0) if tiny else dict(
             n_embd=768, n_layer=12, n_head=12, vocab_size=50257
         )
         return GPT2Config(**size, n_positions=max(1024, max_positions))
     if family == "llama":
         size = dict(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-            vocab_size=256,
+            vocab_size=256, bos_token_id=0, eos_token_id=0,
         ) if tiny else dict(
             hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
             vocab_size=49152,
@@ -54,7 +54,7 @@ def backbone_config(family: str, tiny: bool = False, max_positions: int = 1024):
             max_position_embeddings=max(8192, max_positions),
         )
     if family == "mamba":
-        size = dict(hidden_size=32, num_hidden_layers=2, vocab_size=256) if tiny else dict(
+        size = dict(hidden_size=32, num_hidden_layers=2, vocab_size=256, bos_token_id=0, eos_token_id=0) if tiny else dict(
             hidden_size=768, num_hidden_layers=24, vocab_size=50280
         )
         return MambaConfig(**size, state_size=16)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from bench.models import MODELS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-QUICK_LENGTHS = [4096, 16384]
+QUICK_LENGTHS = [4096, 8192, 16384]
 FULL_LENGTHS = [4096, 8192, 16384, 65536, 262144, 1048576]
 TINY_LENGTHS = [128, 256]
 
@@ -36,9 +36,9 @@ class Settings:
     device: str = "cpu"
     dtype: str = "fp32"
     gen_tokens: int = 16
-    min_samples: int = 16  # short prompts are streamed again until this many segment timings exist
+    min_samples: int = 8  # short prompts are streamed again until this many segment timings exist
     max_repeats: int = 8
-    budget_s: float = 120.0  # skip a (model, length) whose projected time exceeds this
+    budget_s: float = 60.0  # skip a (model, length) whose projected time exceeds this
     memory_fraction: float = 0.8  # skip a full-attention length whose projected peak exceeds this share of free RAM
     tiny: bool = False
     seed: int = 0
@@ -50,13 +50,15 @@ class Settings:
 def summarise(raw: dict[str, Any], matmul_gflops: float) -> dict[str, Any]:
     """Medians over the timed segments (all but each stream's first) and generated tokens of one measurement."""
     seg = raw["segment_size"]
-    timed, rates, tokens_per_s = [], [], []
+    timed, cpu, rates, rss = [], [], [], []
     for stream in raw["streams"]:
         times, flops = stream["segment_s"], stream["segment_flops"]
         skip = 1 if len(times) > 1 else 0
         for t, f in zip(times[skip:], flops[skip:]):
             timed.append(t)
             rates.append(f / t / 1e9)
+        cpu += stream["segment_cpu_s"][skip:]
+        rss += stream["rss_mib"]
     gen = [t for s in raw["streams"] for t in s["generate_s"]]
     seg_median = statistics.median(timed)
     achieved = statistics.median(rates)
@@ -68,6 +70,7 @@ def summarise(raw: dict[str, Any], matmul_gflops: float) -> dict[str, Any]:
         "timed_segments": len(timed),
         "segment_median_ms": seg_median * 1e3,
         "segment_mean_ms": statistics.fmean(timed) * 1e3,
+        "segment_cpu_median_ms": statistics.median(cpu) * 1e3,  # process CPU time, all threads: load-independent
         "prefill_total_s": statistics.median(sum(s["segment_s"]) for s in raw["streams"]),
         "prefill_tokens_per_s": seg / seg_median,
         "achieved_gflops": achieved,
@@ -76,6 +79,8 @@ def summarise(raw: dict[str, Any], matmul_gflops: float) -> dict[str, Any]:
         "generate_mean_ms": statistics.fmean(gen) * 1e3 if gen else math.nan,
         "generated_tokens": len(gen),
         "peak_rss_mib": raw["peak_rss_mib"],
+        "rss_median_mib": statistics.median(rss),
+        "peak_mib": raw.get("cuda_peak_allocated_mib") or raw["peak_rss_mib"],
         "rss_after_build_mib": raw["rss_after_build_mib"],
         "cuda_peak_allocated_mib": raw.get("cuda_peak_allocated_mib"),
         "wall_s": raw["wall_s"],

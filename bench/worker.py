@@ -98,18 +98,20 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         for _ in range(repeats):
             stream = Stream(kind, model)
-            seg_times, seg_flops, gen_times = [], [], []
+            seg_times, seg_cpu, seg_flops, rss, gen_times = [], [], [], [], []
             logits = None
             for i in range(n_seg):
                 tokens = min(seg, length - i * seg)
                 ids = torch.randint(0, vocab, (1, tokens), device=device, generator=generator)
                 context = 0 if kind == "armt" else i * seg
                 sync()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 logits = stream(ids)
                 sync()
                 seg_times.append(time.perf_counter() - start)
+                seg_cpu.append(time.process_time() - cpu_start)
                 seg_flops.append(flops.call(tokens, context, write=kind == "armt" and tokens == seg, read=i > 0))
+                rss.append(read_status_mib("VmRSS"))
                 bar.update()
             next_id = logits.argmax(-1, keepdim=True)
             for _ in range(gen_tokens):
@@ -119,7 +121,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 sync()
                 gen_times.append(time.perf_counter() - start)
                 bar.update()
-            streams.append({"segment_s": seg_times, "segment_flops": seg_flops, "generate_s": gen_times})
+            streams.append({"segment_s": seg_times, "segment_cpu_s": seg_cpu, "segment_flops": seg_flops,
+                            "rss_mib": rss, "generate_s": gen_times})
             del stream, logits
     bar.close()
     result: dict[str, Any] = {

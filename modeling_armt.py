@@ -98,10 +98,6 @@ class ARMTCacheLayer:
         self.A = A
         self.z = z
 
-    @property
-    def batch_size(self) -> int:
-        return self.A.shape[0]
-
     def index_rows(self, rows: torch.Tensor) -> None:
         self.A = self.A.index_select(0, rows.to(self.A.device))
         self.z = self.z.index_select(0, rows.to(self.z.device))
@@ -199,12 +195,9 @@ class ARMTCache(Cache):
                 if layer.is_initialized:
                     layer.keys, layer.values = layer.keys[:, :, dead:], layer.values[:, :, dead:]
             self.segment_mask = self.segment_mask[:, dead:]
-        if bool(self.segment_mask.all()) and self.is_aligned_ignoring_mask():
-            self.segment_mask = None
-
-    def is_aligned_ignoring_mask(self) -> bool:
         fill = self.segment_fill
-        return bool((fill == fill[0]).all()) and int(fill[0]) == self._segment_length()
+        if bool(self.segment_mask.all()) and bool((fill == self._segment_length()).all()):
+            self.segment_mask = None  # the rows are back in step: the fast path applies again
 
     def reset(self) -> None:
         for layer in self.layers:

@@ -1,0 +1,228 @@
+"""train.py: the loss falls, resuming is exact, truncated BPTT and gradient checkpointing keep loss and gradients."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT, tiny_backbone_config
+
+TINY = ["--hidden-size", "32", "--layers", "2", "--heads", "2", "--num-mem-tokens", "2", "--d-mem", "8",
+        "--threads", "1", "--logging-steps", "1", "--eval-steps", "0"]
+TINY_AR = ["--task", "ar", *TINY]
+TINY_BABILONG = ["--task", "babilong", "--haystack", "synthetic", "--segment-size", "48", *TINY]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(argv: list[str]) -> train.ARMTTrainer:
+    return train.run(train.parse_args(argv))
+
+
+def losses(trainer: train.ARMTTrainer) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+def test_training_a_tiny_model_lowers_the_loss(tmp_path):
+    trainer = run([*TINY_AR, "--curriculum", "1,2", "--max-steps", "16", "--batch-size", "8",
+                   "--learning-rate", "3e-3", "--output-dir", str(tmp_path)])
+    curve = list(losses(trainer).values())
+    assert len(curve) == 16
+    assert sum(curve[-4:]) / 4 < sum(curve[:4]) / 4 - 0.3
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "train_args.json").exists()
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    args = [*TINY_BABILONG, "--curriculum", "1,2,3", "--max-steps", "6", "--batch-size", "2",
+            "--learning-rate", "3e-3", "--save-steps", "3", "--eval-steps", "3", "--eval-samples", "2"]
+    full = run([*args, "--output-dir", str(tmp_path / "full")])
+    resumed = run([*args, "--output-dir", str(tmp_path / "resumed"),
+                   "--resume", str(tmp_path / "full" / "checkpoint-3")])
+    expected, got = losses(full), losses(resumed)
+    assert sorted(expected) == list(range(1, 7))
+    assert [got[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
+    assert len({expected[s] for s in expected}) > 1
+    final = {k: v.clone() for k, v in full.model.state_dict().items()}
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, final[name]), name
+
+
+def test_existing_checkpoints_need_resume(tmp_path):
+    run([*TINY_AR, "--curriculum", "1", "--max-steps", "2", "--batch-size", "2", "--save-steps", "2",
+         "--output-dir", str(tmp_path)])
+    with pytest.raises(train.TrainError, match="--resume"):
+        run([*TINY_AR, "--curriculum", "1", "--max-steps", "2", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        train.main([*TINY_AR, "--bptt-depth", "0", "--output-dir", str(tmp_path / "other")])
+
+
+def test_gradient_checkpointing_and_full_depth_bptt_keep_the_loss_curve(tmp_path):
+    args = [*TINY_AR, "--curriculum", "2,4", "--max-steps", "4", "--batch-size", "4", "--learning-rate", "3e-3"]
+    plain = losses(run([*args, "--output-dir", str(tmp_path / "plain")]))
+    checkpointed = losses(run([*args, "--gradient-checkpointing", "--output-dir", str(tmp_path / "ckpt")]))
+    full_depth = losses(run([*args, "--bptt-depth", "4", "--output-dir", str(tmp_path / "bptt")]))
+    assert checkpointed == pytest.approx(plain, rel=1e-5)
+    assert full_depth == pytest.approx(plain, rel=1e-5)
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="checks CPU processes over gloo")
+def test_two_processes_give_the_loss_curve_of_one_with_the_same_global_batch(tmp_path):
+    """accelerate launch, 2 CPU processes x batch 1 x 2 accumulation steps == 1 process x batch 4: same samples,
+    the loss normalised by the answer tokens of the whole global batch; truncated BPTT and checkpointing on."""
+    args = [*TINY_BABILONG, "--curriculum", "1,2,3", "--max-steps", "3", "--learning-rate", "3e-3", "--save-steps", "3",
+            "--bptt-depth", "1", "--gradient-checkpointing", "--eval-steps", "3", "--eval-samples", "4",
+            "--eval-batch-size", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    result = subprocess.run([*launch, str(ROOT / "train.py"), *args, "--batch-size", "1",
+                             "--gradient-accumulation-steps", "2", "--output-dir", str(tmp_path / "two")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = run([*args, "--batch-size", "4", "--output-dir", str(tmp_path / "one")])
+    state = json.loads((tmp_path / "two" / "checkpoint-3" / "trainer_state.json").read_text())
+    two = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+    assert two == pytest.approx(losses(one), rel=1e-5)
+    evals = [[h["eval_loss"] for h in history if "eval_loss" in h] for history in (state["log_history"],
+                                                                                  one.state.log_history)]
+    assert evals[0] == pytest.approx(evals[1], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The segment-group loss against the model's plain forward
+
+
+def tiny_model():
+    from configuration_armt import ARMTConfig
+    from modeling_armt import ARMTForCausalLM
+
+    torch.manual_seed(0)
+    base = tiny_backbone_config("gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = ARMTForCausalLM(ARMTConfig(base_config=base, num_mem_tokens=3, d_mem=8, segment_size=8))
+    with torch.no_grad():
+        model.memory_embeddings.normal_(0, 1)
+        for layer in model.memory_layers:
+            for proj in (layer.q_proj, layer.k_proj, layer.v_proj):
+                proj.weight.normal_(0, 0.3)
+    return model.train()
+
+
+def batch(model, length: int = 37, answer: int = 3, every: int = 0):
+    """Random ids; labels on the last `answer` tokens (and on every `every`-th token when > 0)."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, length), generator=generator)
+    labels = torch.full_like(ids, -100)
+    labels[:, -answer:] = ids[:, -answer:]
+    if every:
+        labels[:, ::every] = ids[:, ::every]
+    return ids, labels
+
+
+def plain_loss_and_grads(model, ids, labels):
+    model.zero_grad()
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def group_loss_and_grads(model, ids, labels, depth):
+    model.zero_grad()
+    count = int((train.shifted_targets(labels) != -100).sum())
+    loss, _, _ = train.armt_loss(model, model, ids, labels, bptt_depth=depth, scale=1 / count,
+                                 backward=lambda value: value.backward())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(got, expected):
+    torch.testing.assert_close(got[0], expected[0], atol=1e-6, rtol=1e-6)
+    assert got[1].keys() == expected[1].keys()
+    for name in expected[1]:
+        torch.testing.assert_close(got[1][name], expected[1][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_segment_groups_are_aligned_to_the_end():
+    assert train.segment_groups(37, 8, None) == [(0, 37)]
+    assert train.segment_groups(37, 8, 5) == [(0, 37)]
+    assert train.segment_groups(37, 8, 2) == [(0, 8), (8, 24), (24, 37)]
+    assert train.segment_groups(37, 8, 1) == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 37)]
+    assert train.segment_groups(32, 8, 2) == [(0, 16), (16, 32)]
+
+
+@pytest.mark.parametrize("depth", [None, 5, 9])
+def test_full_depth_bptt_gives_the_plain_loss_and_gradients(depth):
+    model = tiny_model()
+    ids, labels = batch(model, every=5)
+    assert_same(group_loss_and_grads(model, ids, labels, depth), plain_loss_and_grads(model, ids, labels))
+
+
+def test_truncated_bptt_keeps_the_loss_and_cuts_gradients():
+    model = tiny_model()
+    ids, labels = batch(model, every=5)
+    plain = plain_loss_and_grads(model, ids, labels)
+    key = "memory_layers.0.k_proj.weight"  # memory writes: their gradient comes from later segments' reads
+    truncated = group_loss_and_grads(model, ids, labels, 2)
+    torch.testing.assert_close(truncated[0], plain[0], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(truncated[1][key], plain[1][key])
+    one = group_loss_and_grads(model, ids, labels, 1)  # one segment per group: no write reaches a loss
+    torch.testing.assert_close(one[0], plain[0], atol=1e-6, rtol=1e-6)
+    assert key not in one[1] and key in plain[1]
+    # answer-only labels: only the last group (the last K segments) gets a graph
+    ids, labels = batch(model, answer=3)
+    loss, grads = group_loss_and_grads(model, ids, labels, 1)
+    torch.testing.assert_close(loss, plain_loss_and_grads(model, ids, labels)[0], atol=1e-6, rtol=1e-6)
+    assert "memory_embeddings" not in grads and "backbone.transformer.wte.weight" in grads
+
+
+@pytest.mark.parametrize("depth", [None, 2])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(depth):
+    model = tiny_model()
+    ids, labels = batch(model, length=40, every=3)
+    expected = group_loss_and_grads(model, ids, labels, depth)
+    model.activation_checkpointing_enable()
+    assert_same(group_loss_and_grads(model, ids, labels, depth), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def test_babilong_samples_have_the_step_length_and_loss_on_the_answer_only():
+    from eval.tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    task = train.BabilongTask("qa1", tokenizer, train.synthetic_haystack(tokenizer, 300), segment_size=64)
+    for index in range(6):
+        length = task.length(1 + index % 3, random.Random(index))
+        sample = task.sample(random.Random(index), length)
+        assert len(sample["input_ids"]) == len(sample["labels"]) == length
+        answer = [t for t in sample["labels"] if t != -100]
+        assert sample["input_ids"][-len(answer):] == answer and answer[-1] == tokenizer.eos_token_id
+        text = tokenizer.decode(sample["input_ids"])
+        assert "Where is" in text and f"GEN{tokenizer.decode(answer[:-1])}<|endoftext|>" in text
+        assert text.split("Where is ")[1].split("?")[0] in text.split("Where is")[0]  # the actor is in the facts
+
+
+def test_all_samples_of_a_step_share_one_length_and_the_curriculum_grows():
+    from eval.tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    task = train.BabilongTask("qa1", tokenizer, train.synthetic_haystack(tokenizer, 300), segment_size=48)
+    curriculum = train.Curriculum((1, 2, 4), stage_steps=3)
+    data = train.CurriculumDataset(task, curriculum, num_steps=9, global_batch_size=3)
+    lengths = [{len(data[step * 3 + row]["input_ids"]) for row in range(3)} for step in range(9)]
+    assert all(len(s) == 1 for s in lengths)
+    assert max(min(s) for s in lengths[:3]) <= 48 and max(min(s) for s in lengths[6:]) <= 4 * 48
+    assert [curriculum.max_segments(s) for s in range(9)] == [1, 1, 1, 2, 2, 2, 4, 4, 4]
+    assert json.dumps(data[5]) == json.dumps(data[5])  # a pure function of the index

@@ -1,0 +1,704 @@
+"""Train ARMT with the Hugging Face Trainer on BABILong-style data or associative retrieval.
+
+    python train.py --task babilong --babilong-task qa1 --haystack austen --output-dir outputs/train/qa1
+    python train.py --task ar --ar-task rewrite --key-size 1 --value-size 1 --segment-size 4 --output-dir DIR
+    accelerate launch train.py ...   # the same script, any number of processes / GPUs
+
+Data is generated on the fly and fully determined by (--seed, sample index), so a run resumed with --resume sees
+exactly the batches it would have seen without the interruption. BABILong samples are laid out as the memory
+models read them at evaluation (eval/babilong.py --prompt raw): input + question + separator + answer + EOS, with
+the loss on the answer and EOS only. The input holds the facts of a bAbI story (eval's offline generator, or real bAbI
+files with --babi-dir) at sorted random gaps in background text (--haystack), cut to the step's length.
+
+Curriculum: training steps are split into stages (--curriculum 1,2,4,8,16 segments); every step draws its number
+of segments uniformly from 1 up to its stage's maximum (or takes the maximum, --segment-sampling max), and all
+samples of a step share that length, so batches need no padding. --bptt-depth K backpropagates through at most the
+last K segments of each group of K (memory is detached between groups, each group's loss is backpropagated as soon
+as it is computed, and groups before the first answer token run without a graph). --gradient-checkpointing
+recomputes each segment in the backward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, SequentialSampler
+from transformers import AutoConfig, EvalPrediction, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from configuration_armt import ARMTConfig
+from modeling_armt import ARMTCache, ARMTForCausalLM
+
+logger = logging.getLogger("train")
+
+DEFAULT_CURRICULUM = "1,2,4,8,16"
+IGNORE_INDEX = -100
+
+
+class TrainError(Exception):
+    """A problem the user can fix (bad argument, missing data); printed without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Curriculum
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """Stage maxima of the number of segments; `stage_steps` optimizer steps per stage (the last stage runs on)."""
+
+    stages: tuple[int, ...]
+    stage_steps: int
+    sampling: str = "uniform"  # "uniform": 1..stage max; "max": always the stage max
+    seed: int = 0
+
+    def max_segments(self, step: int) -> int:
+        return self.stages[min(step // self.stage_steps, len(self.stages) - 1)]
+
+    def step_rng(self, step: int) -> random.Random:
+        return random.Random(f"step-{self.seed}-{step}")
+
+    def segments(self, step: int) -> int:
+        """The number of segments of every sample of optimizer step `step`."""
+        top = self.max_segments(step)
+        return top if self.sampling == "max" else self.step_rng(step).randint(1, top)
+
+
+def parse_curriculum(value: str) -> tuple[int, ...]:
+    try:
+        stages = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise TrainError(f"--curriculum must be comma-separated integers, got {value!r}.") from None
+    if not stages or min(stages) < 1 or list(stages) != sorted(stages):
+        raise TrainError(f"--curriculum must list increasing segment counts >= 1, got {value!r}.")
+    return stages
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tasks: a sample is {"input_ids": [...], "labels": [...]} (labels -100 except on the answer)
+
+
+class BabilongTask:
+    """BABILong-style samples of one bAbI task: facts at random gaps in background text, question, separator, answer.
+
+    `length(num_segments, rng)` picks a total length ending somewhere in the last segment's second half; `sample`
+    builds a sample of exactly that many tokens."""
+
+    def __init__(self, task: str, tokenizer, haystack, segment_size: int, separator: str = "GEN",
+                 babi_dir: str | None = None, seed: int = 0):
+        from eval.babi import check_task, find_babi_file, read_babi_file
+
+        self.task = check_task(task)
+        self.tokenizer = tokenizer
+        self.haystack = haystack
+        self.segment_size = segment_size
+        self.separator_ids = self._ids(separator)
+        self.eos = tokenizer.eos_token_id
+        self.seed = seed
+        self.babi_file = list(read_babi_file(find_babi_file(babi_dir, task))) if babi_dir else None
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def length(self, num_segments: int, rng: random.Random) -> int:
+        return num_segments * self.segment_size - rng.randrange(self.segment_size // 2 + 1)
+
+    def _candidates(self, rng: random.Random) -> Iterator:
+        from eval.babi import QUESTIONS_PER_STORY, generate_babi
+
+        if self.babi_file is not None:
+            while True:
+                yield self.babi_file[rng.randrange(len(self.babi_file))]
+        story = list(islice(generate_babi(self.task, f"{self.seed}-{rng.getrandbits(48)}"), QUESTIONS_PER_STORY))
+        rng.shuffle(story)
+        yield from sorted(story, key=lambda s: len(s.facts), reverse=True)  # the longest story that fits
+
+    def sample(self, rng: random.Random, length: int) -> dict[str, list[int]]:
+        for attempt, babi in enumerate(self._candidates(rng)):
+            question, answer = self._ids(babi.question), self._ids(babi.answer) + [self.eos]
+            budget = length - len(question) - len(self.separator_ids) - len(answer)
+            facts = [self._ids(" " + f) for f in babi.facts]
+            if sum(map(len, facts)) + 2 <= budget:  # 2: room for the first piece's tokenization without a space
+                context = self._context(babi.facts, facts, budget, rng)
+                prompt = context + question + self.separator_ids
+                return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
+            if attempt >= 50:
+                break
+        raise TrainError(
+            f"A {length}-token sample cannot hold the facts of a {self.task} story ({budget} tokens left for "
+            "them): use a larger --segment-size."
+        )
+
+    def _context(self, fact_texts: list[str], fact_ids: list[list[int]], budget: int,
+                 rng: random.Random) -> list[int]:
+        """Facts in order at sorted random gaps between background sentences, cut to exactly `budget` tokens
+        (the last background sentences are cut, as BABILong cuts its last one)."""
+        needed = budget - sum(map(len, fact_ids)) + 8  # a margin: the first piece loses its leading space
+        sentences = self.haystack.sentences
+        background: list[tuple[str, list[int]]] = []
+        position, got = rng.randrange(len(sentences)), 0
+        while got < needed:
+            texts = [sentences[(position + j) % len(sentences)] for j in range(64)]
+            position += 64
+            for text, ids in zip(texts, self.tokenizer([" " + t for t in texts], add_special_tokens=False)["input_ids"]):
+                background.append((text, ids))
+                got += len(ids)
+                if got >= needed:
+                    break
+        slots = sorted(rng.choices(range(len(background) + 1), k=len(fact_ids)))
+        pieces: list[list] = []  # [is background, text, ids]
+        fact = 0
+        for gap in range(len(background) + 1):
+            while fact < len(fact_ids) and slots[fact] == gap:
+                pieces.append([False, fact_texts[fact], fact_ids[fact]])
+                fact += 1
+            if gap < len(background):
+                pieces.append([True, *background[gap]])
+        pieces[0][2] = self._ids(pieces[0][1])  # the input starts without a space, as the joined text does
+        overshoot = sum(len(piece[2]) for piece in pieces) - budget
+        for piece in reversed(pieces):  # cut background from the end
+            if overshoot <= 0:
+                break
+            if piece[0]:
+                cut = min(len(piece[2]), overshoot)
+                piece[2] = piece[2][: len(piece[2]) - cut]
+                overshoot -= cut
+        context = [token for piece in pieces for token in piece[2]]
+        if len(context) != budget:
+            raise TrainError(f"Could not fill {budget} context tokens from the haystack (got {len(context)}).")
+        return context
+
+
+class AssociativeRetrievalTask:
+    """The ARMT paper's remember / rewrite task: one key-value pair per segment, then `key GEN`, answer `value EOS`."""
+
+    def __init__(self, rewrite: bool, key_size: int, value_size: int, num_symbols: int, seed: int = 0):
+        self.rewrite, self.key_size, self.value_size, self.num_symbols = rewrite, key_size, value_size, num_symbols
+        self.seed = seed
+
+    def length(self, num_segments: int, rng: random.Random) -> int:
+        return num_segments  # the number of pairs: the length follows from it
+
+    def sample(self, rng: random.Random, length: int) -> dict[str, list[int]]:
+        from eval.associative_retrieval import encode, generate_ar_samples
+
+        try:
+            (sample,) = generate_ar_samples(1, length, self.key_size, self.value_size, self.rewrite,
+                                            self.num_symbols, seed=rng.getrandbits(62))
+        except ValueError as err:
+            raise TrainError(str(err)) from err
+        encoded = encode(sample)
+        return {"input_ids": encoded["input_ids"], "labels": encoded["labels"]}
+
+
+class CurriculumDataset(Dataset):
+    """Sample i belongs to optimizer step i // global_batch_size; every sample is a pure function of (seed, i)."""
+
+    def __init__(self, task, curriculum: Curriculum, num_steps: int, global_batch_size: int, seed: int = 0):
+        self.task, self.curriculum = task, curriculum
+        self.num_steps, self.global_batch_size, self.seed = num_steps, global_batch_size, seed
+
+    def __len__(self) -> int:
+        return self.num_steps * self.global_batch_size
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        step = index // self.global_batch_size
+        length = self.task.length(self.curriculum.segments(step), self.curriculum.step_rng(step))
+        return self.task.sample(random.Random(f"sample-{self.seed}-{index}"), length)
+
+
+class FixedDataset(Dataset):
+    """`size` samples of `num_segments` segments, one shared length (evaluation)."""
+
+    def __init__(self, task, num_segments: int, size: int, seed: int = 0):
+        self.task, self.size, self.seed = task, size, seed
+        self.length = task.length(num_segments, random.Random(f"eval-length-{seed}"))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.task.sample(random.Random(f"eval-{self.seed}-{index}"), self.length)
+
+
+def collate(batch: Sequence[dict[str, list[int]]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Stack equal-length samples; samples of different lengths are right-padded (with an attention mask)."""
+    width = max(len(b["input_ids"]) for b in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, b in enumerate(batch):
+        n = len(b["input_ids"])
+        input_ids[row, :n] = torch.tensor(b["input_ids"])
+        labels[row, :n] = torch.tensor(b["labels"])
+        mask[row, :n] = 1
+    out = {"input_ids": input_ids, "labels": labels}
+    if not bool(mask.all()):
+        out["attention_mask"] = mask
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss: segment groups for truncated backpropagation
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """targets[:, t] = labels[:, t + 1]: what the logits at position t must predict."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+
+
+def segment_groups(length: int, segment_size: int, depth: int | None) -> list[tuple[int, int]]:
+    """Column ranges of groups of `depth` segments, aligned to the end (the last group holds the last `depth`
+    segments, where the answer is); one group when `depth` is None or covers everything."""
+    num_segments = math.ceil(length / segment_size)
+    if depth is None or depth >= num_segments:
+        return [(0, length)]
+    starts = list(range((num_segments - depth) * segment_size, 0, -depth * segment_size))[::-1]
+    bounds = [0, *starts, length] if starts[0] > 0 else [*starts, length]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def armt_loss(model, unwrapped: ARMTForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor,
+              attention_mask: torch.Tensor | None = None, bptt_depth: int | None = None, scale: float = 1.0,
+              backward: Callable[[torch.Tensor], None] | None = None,
+              no_sync: Callable[[], object] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of the labelled tokens times `scale`, read group by group of `bptt_depth` segments.
+
+    Only the labelled positions get logits. The memory is detached between groups; every group's loss but the last
+    one is backpropagated at once through `backward` (inside `no_sync()`, for DDP), so that only one group's graph
+    is alive; the returned loss carries the graph of the last group (plus the earlier groups' values, detached).
+    Groups without labels before the last labelled one run without a graph; groups after it are not run.
+    Returns (loss, number of labelled tokens, per-row correctness of the greedy answer (all labelled tokens))."""
+    targets = shifted_targets(labels)
+    labelled = targets != IGNORE_INDEX
+    if not bool(labelled.any()):
+        raise ValueError("The batch has no labelled tokens.")
+    groups = segment_groups(input_ids.shape[1], unwrapped.config.segment_size, bptt_depth)
+    with_loss = [bool(labelled[:, s:e].any()) for s, e in groups]
+    last = max(i for i, has in enumerate(with_loss) if has)
+    cache: ARMTCache | None = unwrapped.new_cache(input_ids.shape[0]) if len(groups) > 1 else None
+    total = torch.zeros((), device=input_ids.device)
+    wrong = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    final = None
+    for index, (start, end) in enumerate(groups[: last + 1]):
+        mask = attention_mask[:, :end] if attention_mask is not None else None
+        keep = labelled[:, start:end].any(0).nonzero().squeeze(-1)
+        grad = torch.is_grad_enabled() and with_loss[index]
+        sync = no_sync() if (index < last and grad and no_sync is not None) else nullcontext()
+        with sync, torch.set_grad_enabled(grad):
+            out = model(input_ids[:, start:end], attention_mask=mask, cache=cache, use_cache=False,
+                        logits_to_keep=keep if keep.numel() else 1)
+            if keep.numel():
+                logits = out.logits.float()
+                target = targets[:, start:end][:, keep]
+                loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="sum") * scale
+                wrong |= ((logits.argmax(-1) != target) & (target != IGNORE_INDEX)).any(1)
+                if index == last:
+                    final = loss
+                else:
+                    if backward is not None and loss.requires_grad:
+                        backward(loss)
+                    total = total + loss.detach()
+        if cache is not None and index < last:
+            for layer in cache.layers:
+                layer.A, layer.z = layer.A.detach(), layer.z.detach()
+    return final + total, labelled.sum(), ~wrong
+
+
+class ARMTTrainer(Trainer):
+    """Trainer with ARMT's segment-group loss (truncated BPTT), a sequential sampler (the curriculum is by step),
+    answer accuracy in evaluation and the curriculum stage in the logs."""
+
+    loss_is_scaled_for_ga = True  # the loss is normalised by num_items_in_batch (the whole accumulated batch)
+
+    def __init__(self, *args, bptt_depth: int | None = None, curriculum: Curriculum | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bptt_depth = bptt_depth
+        self.curriculum = curriculum
+
+    def _get_train_sampler(self, train_dataset=None):
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        if num_items_in_batch is None:  # a per-batch mean, scaled for gradient accumulation here
+            count = (shifted_targets(labels) != IGNORE_INDEX).sum().item()
+            scale = 1.0 / (max(count, 1) * (self.current_gradient_accumulation_steps if model.training else 1))
+        else:
+            scale = 1.0 / float(num_items_in_batch)
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                scale *= self.accelerator.num_processes  # DDP averages gradients over processes
+        training = model.training and torch.is_grad_enabled()
+        loss, _, correct = armt_loss(
+            model, self.accelerator.unwrap_model(model), inputs["input_ids"], labels, inputs.get("attention_mask"),
+            bptt_depth=self.bptt_depth if training else None, scale=scale,
+            backward=self.accelerator.backward if training else None,
+            no_sync=(lambda: self.accelerator.no_sync(model)) if training else None,
+        )
+        return (loss, {"correct": correct}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, _, correct = armt_loss(model, self.accelerator.unwrap_model(model), inputs["input_ids"],
+                                         inputs["labels"], inputs.get("attention_mask"),
+                                         scale=1.0 / max(int((shifted_targets(inputs["labels"]) != -100).sum()), 1))
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        correct = correct.float().unsqueeze(1)
+        return loss.detach(), correct, torch.ones_like(correct)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self.curriculum is not None and "loss" in logs:
+            logs["max_segments"] = self.curriculum.max_segments(max(self.state.global_step - 1, 0))
+        super().log(logs, *args, **kwargs)
+
+
+def answer_accuracy(prediction: EvalPrediction) -> dict[str, float]:
+    return {"accuracy": float(prediction.predictions.mean())}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+
+
+MODEL_DEFAULTS = dict(backbone="gpt2", hidden_size=256, layers=4, heads=4, kv_heads=None, intermediate_size=None,
+                      segment_size=512, num_mem_tokens=16, d_mem=64, dropout=0.0)
+
+
+def backbone_config(args: argparse.Namespace, vocab_size: int, eos_token_id: int):
+    """A small GPT-2 or Llama-style config; its position range covers one segment plus the memory tokens."""
+    positions = args.segment_size + args.num_mem_tokens
+    intermediate = args.intermediate_size or 4 * args.hidden_size
+    if args.hidden_size % args.heads:
+        raise TrainError(f"--hidden-size {args.hidden_size} must be divisible by --heads {args.heads}.")
+    if args.backbone == "gpt2":
+        return AutoConfig.for_model(
+            "gpt2", vocab_size=vocab_size, n_embd=args.hidden_size, n_layer=args.layers, n_head=args.heads,
+            n_inner=intermediate, n_positions=positions, resid_pdrop=args.dropout, embd_pdrop=args.dropout,
+            attn_pdrop=args.dropout, bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+    return AutoConfig.for_model(
+        "llama", vocab_size=vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
+        intermediate_size=intermediate, max_position_embeddings=positions, attention_dropout=args.dropout,
+        tie_word_embeddings=True, bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+
+
+def build_model(args: argparse.Namespace, vocab_size: int, eos_token_id: int) -> ARMTForCausalLM:
+    """A fresh ARMT (backbone from scratch), or --init-from: an ARMT folder, or a backbone to wrap."""
+    armt = dict(segment_size=args.segment_size, num_mem_tokens=args.num_mem_tokens, d_mem=args.d_mem)
+    if args.init_from:
+        try:
+            config = AutoConfig.from_pretrained(args.init_from, trust_remote_code=True)
+        except (OSError, ValueError) as err:
+            raise TrainError(f"--init-from {args.init_from!r}: cannot read its config ({err}).") from err
+        if config.model_type == "armt":
+            given = {k: v for k, v in armt.items() if getattr(args, f"{k}_given")}
+            clash = {k: v for k, v in given.items() if getattr(config, k) != v}
+            if clash:
+                raise TrainError(f"--init-from is an ARMT with {', '.join(f'{k}={getattr(config, k)}' for k in clash)}"
+                                 f"; drop the conflicting flags ({', '.join(clash)}).")
+            model = ARMTForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        else:
+            model = ARMTForCausalLM.from_backbone(args.init_from, **armt)
+            model.float()
+    else:
+        base = backbone_config(args, vocab_size, eos_token_id)
+        try:
+            model = ARMTForCausalLM(ARMTConfig(base_config=base, **armt))
+        except ValueError as err:
+            raise TrainError(str(err)) from err
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        raise TrainError(f"The model's vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller than "
+                         f"the data's ({vocab_size}).")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+SYNTHETIC_WORDS = {
+    "det": ("The", "A", "That", "Every", "Some"),
+    "adj": ("old", "quiet", "bright", "heavy", "distant", "narrow", "gentle", "strange", "little", "broad"),
+    "noun": ("sailor", "lantern", "river", "merchant", "window", "carriage", "letter", "forest", "bell", "painter"),
+    "verb": ("watched", "carried", "followed", "admired", "ignored", "described", "remembered", "passed"),
+    "adv": ("slowly", "quietly", "eagerly", "once again", "without a word", "at dawn", "in the rain"),
+    "place": ("harbour", "market", "village", "mountain road", "old mill", "church", "bridge", "meadow"),
+}
+
+
+def synthetic_haystack(tokenizer, sentences: int = 2000, seed: int = 0):
+    """A small built-in background source: random sentences of a fixed vocabulary (no bAbI names or rooms)."""
+    from eval.haystack import Haystack
+
+    rng = random.Random(f"synthetic-haystack-{seed}")
+    w = {k: list(v) for k, v in SYNTHETIC_WORDS.items()}
+    text = " ".join(
+        f"{rng.choice(w['det'])} {rng.choice(w['adj'])} {rng.choice(w['noun'])} {rng.choice(w['verb'])} the "
+        f"{rng.choice(w['adj'])} {rng.choice(w['noun'])} {rng.choice(w['adv'])} near the {rng.choice(w['place'])}."
+        for _ in range(sentences))
+    return Haystack.from_texts([text], tokenizer, name="synthetic", use_cache=False)
+
+
+def load_tokenizer(name: str):
+    if name == "gpt2":
+        from eval.tokenizer import gpt2_tokenizer
+
+        return gpt2_tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.eos_token_id is None:
+        raise TrainError(f"The tokenizer {name!r} has no EOS token, which ends every answer.")
+    return tokenizer
+
+
+def build_task(args: argparse.Namespace):
+    """(task, tokenizer or None, vocabulary size the data needs, EOS id)."""
+    if args.task == "ar":
+        from eval.associative_retrieval import EOS_TOKEN, GEN_TOKEN, segment_size
+
+        pair = segment_size(args.key_size, args.value_size)
+        if args.segment_size != pair:
+            logger.warning("--segment-size %d: one key-value pair per segment needs %d.", args.segment_size, pair)
+        task = AssociativeRetrievalTask(args.ar_task == "rewrite", args.key_size, args.value_size, args.num_symbols,
+                                        args.seed)
+        return task, None, max(GEN_TOKEN, EOS_TOKEN, args.num_symbols - 1) + 1, EOS_TOKEN
+    tokenizer = load_tokenizer(args.tokenizer)
+    sources = args.haystack or ["austen"]
+    if sources == ["synthetic"]:
+        haystack = synthetic_haystack(tokenizer, seed=args.seed)
+    else:
+        from eval.haystack import load_haystack
+
+        try:
+            haystack = load_haystack(sources[0] if len(sources) == 1 else sources, tokenizer,
+                                     online=sources == ["pg19"])
+        except (FileNotFoundError, ValueError) as err:
+            raise TrainError(f"--haystack {' '.join(sources)}: {err}") from err
+    try:
+        task = BabilongTask(args.babilong_task, tokenizer, haystack, args.segment_size, args.separator,
+                            args.babi_dir, args.seed)
+    except (ValueError, FileNotFoundError) as err:
+        raise TrainError(str(err)) from err
+    return task, tokenizer, len(tokenizer), tokenizer.eos_token_id
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--task", choices=("babilong", "ar"), default="babilong",
+                      help="babilong: bAbI facts in background text; ar: associative retrieval (default babilong)")
+    data.add_argument("--babilong-task", default="qa1", help="bAbI task of the offline generator, qa1..qa5 "
+                      "(default qa1)")
+    data.add_argument("--haystack", nargs="+", metavar="SOURCE",
+                      help='background text: text files / folders, "austen" (default; Debian r-cran-janeaustenr, '
+                      'see python -m eval.haystack fetch-austen), "pg19" (Hub) or "synthetic" (built-in, for tests)')
+    data.add_argument("--babi-dir", help="real bAbI v1.2 files (qa{N}_*_test.txt) instead of generated stories")
+    data.add_argument("--separator", default="GEN", help="text between question and answer (default GEN, as eval)")
+    data.add_argument("--tokenizer", default="gpt2", help='"gpt2" (offline GPT-2 BPE, default) or a tokenizer '
+                      "folder / Hub id")
+    data.add_argument("--ar-task", choices=("remember", "rewrite"), default="remember")
+    data.add_argument("--key-size", type=int, default=1, help="AR symbols per key (default 1)")
+    data.add_argument("--value-size", type=int, default=1, help="AR symbols per value (default 1)")
+    data.add_argument("--num-symbols", type=int, default=16, help="AR alphabet size (default 16)")
+
+    cur = p.add_argument_group("curriculum")
+    cur.add_argument("--curriculum", default=DEFAULT_CURRICULUM,
+                     help=f"increasing stage maxima of segments per sample (AR: pairs) (default {DEFAULT_CURRICULUM})")
+    cur.add_argument("--stage-steps", type=int, help="optimizer steps per stage (default: --max-steps split evenly)")
+    cur.add_argument("--segment-sampling", choices=("uniform", "max"), default="uniform",
+                     help="per step: uniform in 1..stage max (default), or the stage max")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--init-from", metavar="PATH", help="start from an ARMT folder, or wrap a backbone (folder or "
+                       "Hub id) in a fresh ARMT; default: a new model from scratch")
+    model.add_argument("--backbone", choices=("gpt2", "llama"), help="from-scratch backbone family (default gpt2)")
+    model.add_argument("--hidden-size", type=int, help=f"default {MODEL_DEFAULTS['hidden_size']}")
+    model.add_argument("--layers", type=int, help=f"default {MODEL_DEFAULTS['layers']}")
+    model.add_argument("--heads", type=int, help=f"default {MODEL_DEFAULTS['heads']}")
+    model.add_argument("--kv-heads", type=int, help="llama key/value heads (default: --heads)")
+    model.add_argument("--intermediate-size", type=int, help="MLP width (default 4 x hidden)")
+    model.add_argument("--vocab-size", type=int, help="from-scratch vocabulary (default: the tokenizer's, 50257 for "
+                       "GPT-2; AR: 103)")
+    model.add_argument("--dropout", type=float, help="backbone dropout (default 0)")
+    model.add_argument("--segment-size", type=int, help=f"tokens per segment (default {MODEL_DEFAULTS['segment_size']})")
+    model.add_argument("--num-mem-tokens", type=int, help=f"default {MODEL_DEFAULTS['num_mem_tokens']}")
+    model.add_argument("--d-mem", type=int, help=f"default {MODEL_DEFAULTS['d_mem']}")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--output-dir", required=True, help="checkpoints, logs and the final model")
+    train.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                       help="continue from CHECKPOINT, or (no value) from the latest one in --output-dir if any")
+    train.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    train.add_argument("--batch-size", type=int, default=8, help="samples per device per micro-batch (default 8)")
+    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    train.add_argument("--learning-rate", type=float, default=3e-4)
+    train.add_argument("--weight-decay", type=float, default=0.01)
+    train.add_argument("--warmup-steps", type=int, default=0)
+    train.add_argument("--lr-scheduler", default="linear", help="Trainer lr_scheduler_type (default linear)")
+    train.add_argument("--max-grad-norm", type=float, default=1.0)
+    train.add_argument("--bptt-depth", type=int, metavar="K",
+                       help="truncated backprop: gradients through groups of K segments (default: all segments)")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute segments in the backward")
+    train.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    train.add_argument("--seed", type=int, default=0, help="model init and data (default 0)")
+    train.add_argument("--logging-steps", type=int, default=10)
+    train.add_argument("--save-steps", type=int, default=500)
+    train.add_argument("--save-total-limit", type=int, default=3)
+    train.add_argument("--eval-steps", type=int, default=500, help="evaluate every N steps; 0: never (default 500)")
+    train.add_argument("--eval-samples", type=int, default=64, help="evaluation samples (default 64)")
+    train.add_argument("--eval-segments", type=int, help="segments per evaluation sample (default: curriculum max)")
+    train.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
+    train.add_argument("--dataloader-workers", type=int, default=0)
+    train.add_argument("--threads", type=int, help="CPU threads for torch")
+    train.add_argument("--report-to", default="none", help='Trainer report_to, e.g. "tensorboard" (default none)')
+    train.add_argument("--push-to-hub", metavar="REPO_ID", help="push checkpoints and the final model to this repo")
+    train.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    for name, default in MODEL_DEFAULTS.items():
+        setattr(args, f"{name}_given", getattr(args, name) is not None)
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.task == "ar" and not args.segment_size_given:
+        from eval.associative_retrieval import segment_size
+
+        args.segment_size = segment_size(args.key_size, args.value_size)
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+                 "eval_samples", "segment_size", "num_mem_tokens", "d_mem", "layers", "heads", "hidden_size"):
+        if getattr(args, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.bptt_depth is not None and args.bptt_depth < 1:
+        raise TrainError(f"--bptt-depth must be >= 1, got {args.bptt_depth}.")
+    if args.eval_steps < 0:
+        raise TrainError("--eval-steps must be >= 0.")
+    return args
+
+
+def resume_checkpoint(args: argparse.Namespace) -> str | None:
+    output = Path(args.output_dir)
+    last = get_last_checkpoint(str(output)) if output.is_dir() else None
+    if args.resume is None:
+        if last is not None:
+            raise TrainError(f"{output} already holds checkpoints ({Path(last).name}): pass --resume to continue, "
+                             "or choose another --output-dir.")
+        return None
+    if args.resume == "latest":
+        if last is None:
+            logger.info("No checkpoint in %s: starting from scratch.", output)
+        return last
+    if not Path(args.resume).is_dir():
+        raise TrainError(f"--resume {args.resume!r} is not a checkpoint folder.")
+    return args.resume
+
+
+def run(args: argparse.Namespace, callbacks: list | None = None) -> ARMTTrainer:
+    """Build data, model and Trainer from parsed arguments, train, save the final model; returns the Trainer."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoint = resume_checkpoint(args)
+    task, tokenizer, data_vocab, eos = build_task(args)
+    vocab_size = args.vocab_size or data_vocab
+    if vocab_size < data_vocab:
+        raise TrainError(f"--vocab-size {vocab_size} is below the {data_vocab} token ids the data uses.")
+    stages = parse_curriculum(args.curriculum)
+    # `accelerate launch --multi_gpu` / torchrun on a machine without an accelerator: processes on CPU, gloo
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    training_args = TrainingArguments(
+        output_dir=args.output_dir,
+        use_cpu=multi_cpu,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type=args.lr_scheduler,
+        max_grad_norm=args.max_grad_norm,
+        activation_checkpointing=args.gradient_checkpointing,
+        bf16=args.bf16,
+        seed=args.seed,
+        data_seed=args.seed,
+        logging_steps=args.logging_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        eval_strategy="steps" if args.eval_steps else "no",
+        eval_steps=args.eval_steps or None,
+        dataloader_num_workers=args.dataloader_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=True,  # the first segment reads no memory; a partial last one writes none
+        report_to=args.report_to,
+        push_to_hub=bool(args.push_to_hub),
+        hub_model_id=args.push_to_hub,
+        hub_private_repo=args.hub_private or None,
+    )
+    stage_steps = args.stage_steps or max(1, math.ceil(args.max_steps / len(stages)))
+    curriculum = Curriculum(stages, stage_steps, args.segment_sampling, args.seed)
+    global_batch = args.batch_size * training_args.world_size * args.gradient_accumulation_steps
+    train_data = CurriculumDataset(task, curriculum, args.max_steps, global_batch, args.seed)
+    eval_data = None
+    if args.eval_steps:
+        eval_data = FixedDataset(task, args.eval_segments or stages[-1], args.eval_samples, args.seed)
+
+    set_seed(args.seed)
+    model = build_model(args, vocab_size, eos)
+    if args.bptt_depth is not None and args.bptt_depth >= stages[-1]:
+        logger.info("--bptt-depth %d covers every curriculum length: full backprop.", args.bptt_depth)
+    pad = eos if eos is not None else 0
+    trainer = ARMTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=lambda batch: collate(batch, pad),
+        processing_class=tokenizer,
+        compute_metrics=answer_accuracy if eval_data is not None else None,
+        callbacks=callbacks,
+        bptt_depth=args.bptt_depth,
+        curriculum=curriculum,
+    )
+    if trainer.is_world_process_zero():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        settings = {k: v for k, v in vars(args).items() if not k.endswith("_given")}
+        (Path(args.output_dir) / "train_args.json").write_text(json.dumps(settings, indent=2) + "\n")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(args.output_dir)
+    if args.push_to_hub:
+        trainer.push_to_hub(commit_message="ARMT training: final model")
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> ARMTTrainer:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(parse_args(argv))
+    except TrainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -12,10 +12,12 @@ files with --babi-dir) at sorted random gaps in background text (--haystack), cu
 
 Curriculum: training steps are split into stages (--curriculum 1,2,4,8,16 segments); every step draws its number
 of segments uniformly from 1 up to its stage's maximum (or takes the maximum, --segment-sampling max), and all
-samples of a step share that length, so batches need no padding. --bptt-depth K backpropagates through at most the
-last K segments of each group of K (memory is detached between groups, each group's loss is backpropagated as soon
-as it is computed, and groups before the first answer token run without a graph). --gradient-checkpointing
-recomputes each segment in the backward pass.
+samples of a step share that length, so batches need no padding. --bptt-depth K splits each sample's segments into
+groups of K counted from the end and detaches the memory between groups: gradients reach back at most K segments
+(for an answer at the end, exactly the last K). Each group's loss is backpropagated as soon as it is computed, and
+groups before the first answer token run without a graph. --gradient-checkpointing recomputes each segment in the
+backward pass. On a machine without GPUs, `accelerate launch --multi_gpu --num_processes N` runs N CPU processes
+over gloo.
 """
 
 from __future__ import annotations
@@ -117,14 +119,17 @@ class BabilongTask:
         return num_segments * self.segment_size - rng.randrange(self.segment_size // 2 + 1)
 
     def _candidates(self, rng: random.Random) -> Iterator:
+        """bAbI samples in random order: questions anywhere in a story, as BABILong asks them."""
         from eval.babi import QUESTIONS_PER_STORY, generate_babi
 
-        if self.babi_file is not None:
-            while True:
+        while True:
+            if self.babi_file is not None:
                 yield self.babi_file[rng.randrange(len(self.babi_file))]
-        story = list(islice(generate_babi(self.task, f"{self.seed}-{rng.getrandbits(48)}"), QUESTIONS_PER_STORY))
-        rng.shuffle(story)
-        yield from sorted(story, key=lambda s: len(s.facts), reverse=True)  # the longest story that fits
+                continue
+            stream = generate_babi(self.task, f"{self.seed}-{rng.getrandbits(48)}")
+            story = list(islice(stream, QUESTIONS_PER_STORY))
+            rng.shuffle(story)
+            yield from story
 
     def sample(self, rng: random.Random, length: int) -> dict[str, list[int]]:
         for attempt, babi in enumerate(self._candidates(rng)):
@@ -153,7 +158,8 @@ class BabilongTask:
         while got < needed:
             texts = [sentences[(position + j) % len(sentences)] for j in range(64)]
             position += 64
-            for text, ids in zip(texts, self.tokenizer([" " + t for t in texts], add_special_tokens=False)["input_ids"]):
+            encoded = self.tokenizer([" " + t for t in texts], add_special_tokens=False)["input_ids"]
+            for text, ids in zip(texts, encoded):
                 background.append((text, ids))
                 got += len(ids)
                 if got >= needed:
@@ -538,12 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--vocab-size", type=int, help="from-scratch vocabulary (default: the tokenizer's, 50257 for "
                        "GPT-2; AR: 103)")
     model.add_argument("--dropout", type=float, help="backbone dropout (default 0)")
-    model.add_argument("--segment-size", type=int, help=f"tokens per segment (default {MODEL_DEFAULTS['segment_size']})")
+    model.add_argument("--segment-size", type=int,
+                       help=f"tokens per segment (default {MODEL_DEFAULTS['segment_size']}; AR: one pair)")
     model.add_argument("--num-mem-tokens", type=int, help=f"default {MODEL_DEFAULTS['num_mem_tokens']}")
     model.add_argument("--d-mem", type=int, help=f"default {MODEL_DEFAULTS['d_mem']}")
 
     train = p.add_argument_group("training")
     train.add_argument("--output-dir", required=True, help="checkpoints, logs and the final model")
+    train.add_argument("--final-dir", help="where the final model (and tokenizer) goes (default: --output-dir)")
     train.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                        help="continue from CHECKPOINT, or (no value) from the latest one in --output-dir if any")
     train.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default 1000)")
@@ -685,7 +693,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> ARMTTrainer:
         settings = {k: v for k, v in vars(args).items() if not k.endswith("_given")}
         (Path(args.output_dir) / "train_args.json").write_text(json.dumps(settings, indent=2) + "\n")
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(args.output_dir)
+    trainer.save_model(args.final_dir or args.output_dir)
     if args.push_to_hub:
         trainer.push_to_hub(commit_message="ARMT training: final model")
     return trainer

@@ -226,3 +226,20 @@ def test_all_samples_of_a_step_share_one_length_and_the_curriculum_grows():
     assert max(min(s) for s in lengths[:3]) <= 48 and max(min(s) for s in lengths[6:]) <= 4 * 48
     assert [curriculum.max_segments(s) for s in range(9)] == [1, 1, 1, 2, 2, 2, 4, 4, 4]
     assert json.dumps(data[5]) == json.dumps(data[5])  # a pure function of the index
+
+
+def test_llama_backbone_and_init_from_a_checkpoint_or_a_backbone(tmp_path):
+    first = run([*TINY_AR, "--backbone", "llama", "--curriculum", "1,2", "--max-steps", "2", "--batch-size", "2",
+                 "--output-dir", str(tmp_path / "first")])
+    assert first.model.config.base_config.model_type == "llama"
+    again = run([*TINY_AR, "--init-from", str(tmp_path / "first"), "--curriculum", "1,2", "--max-steps", "1",
+                 "--batch-size", "2", "--learning-rate", "0", "--output-dir", str(tmp_path / "again")])
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], value), name
+    with pytest.raises(train.TrainError, match="segment_size"):
+        run([*TINY_AR, "--init-from", str(tmp_path / "first"), "--segment-size", "8", "--max-steps", "1",
+             "--output-dir", str(tmp_path / "clash")])
+    first.model.backbone.save_pretrained(tmp_path / "backbone")
+    wrapped = run([*TINY_AR, "--init-from", str(tmp_path / "backbone"), "--max-steps", "1", "--batch-size", "2",
+                   "--output-dir", str(tmp_path / "wrapped")])
+    assert wrapped.model.config.segment_size == 4 and wrapped.model.config.num_mem_tokens == 2

@@ -362,7 +362,7 @@ class ARMTTrainer(Trainer):
         with torch.no_grad():
             loss, _, correct = armt_loss(model, self.accelerator.unwrap_model(model), inputs["input_ids"],
                                          inputs["labels"], inputs.get("attention_mask"),
-                                         scale=1.0 / max(int((shifted_targets(inputs["labels"]) != -100).sum()), 1))
+                                         scale=1.0 / max(int((shifted_targets(inputs["labels"]) != IGNORE_INDEX).sum()), 1))
         if prediction_loss_only:
             return loss.detach(), None, None
         correct = correct.float().unsqueeze(1)

@@ -359,10 +359,10 @@ class ARMTTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
+        count = int((shifted_targets(inputs["labels"]) != IGNORE_INDEX).sum())
         with torch.no_grad():
             loss, _, correct = armt_loss(model, self.accelerator.unwrap_model(model), inputs["input_ids"],
-                                         inputs["labels"], inputs.get("attention_mask"),
-                                         scale=1.0 / max(int((shifted_targets(inputs["labels"]) != IGNORE_INDEX).sum()), 1))
+                                         inputs["labels"], inputs.get("attention_mask"), scale=1.0 / max(count, 1))
         if prediction_loss_only:
             return loss.detach(), None, None
         correct = correct.float().unsqueeze(1)

@@ -62,13 +62,14 @@ def backbone_config(family: str, tiny: bool = False, max_positions: int = 1024):
 
 
 def build_model(name: str, tiny: bool = False, max_positions: int = 1024, seed: int = 0) -> nn.Module:
-    """A random-initialised model in eval mode. ARMT's W_v gets random values (std 0.02) so that reads and writes
+    """A random-initialised model in eval mode; a full-attention model's position table covers `max_positions`. ARMT's W_v gets random values (std 0.02) so that reads and writes
     carry real numbers, as in a trained model (a fresh ARMT has W_v = 0)."""
     from transformers import AutoModelForCausalLM
 
     kind, family = MODELS[name]
     torch.manual_seed(seed)
-    config = backbone_config(family, tiny, max_positions)
+    # Only full attention needs positions past the stock table; ARMT's positions restart every segment.
+    config = backbone_config(family, tiny, max_positions if kind == "full" else 1024)
     if kind == "armt":
         from configuration_armt import ARMTConfig
         from modeling_armt import ARMTForCausalLM

@@ -35,7 +35,7 @@ class Settings:
     threads: int
     device: str = "cpu"
     dtype: str = "fp32"
-    gen_tokens: int = 16
+    gen_tokens: int = 32  # 0: one whole segment (its memory write included)
     min_samples: int = 8  # short prompts are streamed again until this many segment timings exist
     max_repeats: int = 8
     budget_s: float = 60.0  # skip a (model, length) whose projected time exceeds this
@@ -123,8 +123,10 @@ def projection(previous: dict[str, Any], length: int, settings: Settings) -> tup
         slope, intercept = 0.0, statistics.median(ys or previous["streams"][0]["segment_s"])
     n = math.ceil(length / seg)
     repeats = 1 if n > settings.min_samples else min(settings.max_repeats, math.ceil(settings.min_samples / max(1, n - 1)))
-    gen = statistics.median(t for s in previous["streams"] for t in s["generate_s"]) if settings.gen_tokens else 0.0
-    seconds = repeats * (n * max(intercept, 0.0) + slope * seg * n * (n - 1) / 2 + settings.gen_tokens * gen * 2)
+    gen_times = [t for s in previous["streams"] for t in s["generate_s"]]
+    gen = statistics.median(gen_times) if gen_times else 0.0
+    gen_tokens = settings.gen_tokens if settings.gen_tokens > 0 else seg
+    seconds = repeats * (n * max(intercept, 0.0) + slope * seg * n * (n - 1) / 2) + gen_tokens * gen * 2
     memory = None
     if MODELS[previous["spec"]["model"]][0] == "full" and settings.device == "cpu":
         memory = previous["peak_rss_mib"] + 1.1 * _kv_mib_per_token(previous, settings.dtype) * (

@@ -74,7 +74,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     kind, _ = MODELS[name]
     seg = segment_size(tiny)
     n_seg = math.ceil(length / seg)
-    gen_tokens = spec["gen_tokens"]
+    gen_tokens = spec["gen_tokens"] or seg  # 0: one whole segment
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     t0 = time.perf_counter()
@@ -93,10 +93,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     streams: list[dict[str, Any]] = []
-    total = repeats * (n_seg + gen_tokens)
+    total = repeats * n_seg + gen_tokens
     bar = tqdm(total=total, desc=f"{name} {length}", leave=False, mininterval=1.0, disable=spec.get("quiet", False))
     with torch.inference_mode():
-        for _ in range(repeats):
+        for repeat in range(repeats):
             stream = Stream(kind, model)
             seg_times, seg_cpu, seg_flops, rss, gen_times = [], [], [], [], []
             logits = None
@@ -114,7 +114,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 rss.append(read_status_mib("VmRSS"))
                 bar.update()
             next_id = logits.argmax(-1, keepdim=True)
-            for _ in range(gen_tokens):
+            for _ in range(gen_tokens if repeat == 0 else 0):  # generation after the first stream only
                 sync()
                 start = time.perf_counter()
                 next_id = stream(next_id).argmax(-1, keepdim=True)

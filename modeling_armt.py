@@ -587,10 +587,11 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
         device = self.memory_embeddings.device
         if cache is None:
             cache = self.new_cache(batch_size)
+            if use_cache is None:
+                use_cache = not self.training
         else:
             cache.check_compatible(self.config, batch_size)
-        if use_cache is None:
-            use_cache = not self.training
+            use_cache = True  # a cache the caller holds must stay consistent with what it has seen
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("`labels` need the logits of every position: leave `logits_to_keep` at 0.")
 

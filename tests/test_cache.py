@@ -189,3 +189,14 @@ def test_generate_continues_from_a_prefilled_cache():
     from_cache = model.generate(prompt, cache=cache, max_new_tokens=10, do_sample=False, pad_token_id=0)
     from_scratch = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(from_cache, from_scratch)
+
+
+def test_a_given_cache_stays_consistent_even_with_use_cache_false():
+    model = tiny_armt()
+    ids = random_ids(model.config.vocab_size, 1, 20)
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        model(ids[:, :11], cache=cache, use_cache=False)
+        continued = model(ids[:, 11:], cache=cache).logits
+        full = model(ids).logits
+    torch.testing.assert_close(continued, full[:, 11:], atol=1e-5, rtol=0)

@@ -174,6 +174,7 @@ def plots(data: dict[str, Any], out: Path) -> list[Path]:
             xs = sorted(runs)
             ax.plot(xs, [runs[x][key] for x in xs], marker="o", label=LABELS.get(model, model))
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: _fmt_tokens(int(round(x)))))
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel(ylabel)
         if key in ("segment_median_ms", "generate_mean_ms"):
@@ -183,7 +184,7 @@ def plots(data: dict[str, Any], out: Path) -> list[Path]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         s = data["settings"]
-        ax.set_title(f"{s['device']} {s['dtype']}, {s['threads']} threads, {s['mode']} mode", fontsize=9)
+        ax.set_title(f"{s['device']} {s['dtype']}, {s['threads']} thread(s), {s['mode']} mode", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / filename, dpi=110)
         plt.close(fig)

@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class Settings:
     seed: int = 0
     output: str = "bench/results"
     quiet: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 def summarise(raw: dict[str, Any], matmul_gflops: float) -> dict[str, Any]:

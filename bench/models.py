@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,14 @@ def segment_size(tiny: bool) -> int:
     return (TINY_ARMT_KWARGS if tiny else ARMT_KWARGS)["segment_size"]
 
 
+def stream_repeats(segments: int, min_samples: int, max_repeats: int) -> int:
+    """How many times a prompt of `segments` segments is streamed so that >= `min_samples` segments are timed
+    (each stream's first segment is not)."""
+    if segments > min_samples:
+        return 1
+    return min(max_repeats, math.ceil(min_samples / max(1, segments - 1)))
+
+
 def backbone_config(family: str, tiny: bool = False, max_positions: int = 1024):
     """The backbone config of a family: GPT-2 small, SmolLM2-135M's Llama shape, Mamba-130M (or tiny versions)."""
     from transformers import GPT2Config, LlamaConfig, MambaConfig
@@ -54,16 +63,17 @@ def backbone_config(family: str, tiny: bool = False, max_positions: int = 1024):
             max_position_embeddings=max(8192, max_positions),
         )
     if family == "mamba":
-        size = dict(hidden_size=32, num_hidden_layers=2, vocab_size=256, bos_token_id=0, eos_token_id=0) if tiny else dict(
-            hidden_size=768, num_hidden_layers=24, vocab_size=50280
-        )
+        size = dict(hidden_size=768, num_hidden_layers=24, vocab_size=50280)
+        if tiny:
+            size = dict(hidden_size=32, num_hidden_layers=2, vocab_size=256, bos_token_id=0, eos_token_id=0)
         return MambaConfig(**size, state_size=16)
     raise ValueError(f"unknown backbone family {family!r}")
 
 
 def build_model(name: str, tiny: bool = False, max_positions: int = 1024, seed: int = 0) -> nn.Module:
-    """A random-initialised model in eval mode; a full-attention model's position table covers `max_positions`. ARMT's W_v gets random values (std 0.02) so that reads and writes
-    carry real numbers, as in a trained model (a fresh ARMT has W_v = 0)."""
+    """A random-initialised model in eval mode; a full-attention model's position table covers `max_positions`.
+    ARMT's W_v gets random values (std 0.02) so that reads and writes carry real numbers, as in a trained model
+    (a fresh ARMT has W_v = 0)."""
     from transformers import AutoModelForCausalLM
 
     kind, family = MODELS[name]
@@ -120,11 +130,11 @@ class FlopModel:
             flops += 4 * self.attn_width * pairs * self.layers
         if self.kind == "armt":
             if read:  # q = phi(W_q h); q A; q z for every position, every layer
-                flops += self.layers * n * (2 * self.d_model * self.d_mem + 2 * self.d_key * self.d_model + 2 * self.d_key)
+                per_token = 2 * self.d_model * self.d_mem + 2 * self.d_key * self.d_model + 2 * self.d_key
+                flops += self.layers * n * per_token
             if write:  # k, v, beta of the memory tokens; k A; sum_i k_i^T (beta (v - vbar))
-                flops += self.layers * self.mem_tokens * (
-                    2 * self.d_model * self.d_mem + 2 * self.d_model**2 + 2 * self.d_model + 4 * self.d_key * self.d_model
-                )
+                d, d_key = self.d_model, self.d_key
+                flops += self.layers * self.mem_tokens * (2 * d * self.d_mem + 2 * d * d + 2 * d + 4 * d_key * d)
         return float(flops)
 
 
@@ -160,7 +170,8 @@ def describe(name: str, model: nn.Module) -> dict[str, Any]:
     params = sum(p.numel() for p in model.parameters())
     info: dict[str, Any] = {"label": LABELS[name], "kind": kind, "backbone": family, "params": params}
     if kind == "armt":
-        info["memory_params"] = sum(p.numel() for p in model.memory_layers.parameters()) + model.memory_embeddings.numel()
+        memory = sum(p.numel() for p in model.memory_layers.parameters())
+        info["memory_params"] = memory + model.memory_embeddings.numel()
         info["armt"] = {k: getattr(model.config, k) for k in ("num_mem_tokens", "d_mem", "segment_size")}
         info["backbone_config"] = model.backbone.config.to_diff_dict()
     else:

@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.models import MODELS
+from bench.models import MODELS, stream_repeats
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICK_LENGTHS = [4096, 8192, 16384]
@@ -121,7 +121,7 @@ def projection(previous: dict[str, Any], length: int, settings: Settings) -> tup
     else:
         slope, intercept = 0.0, statistics.median(ys or previous["streams"][0]["segment_s"])
     n = math.ceil(length / seg)
-    repeats = 1 if n > settings.min_samples else min(settings.max_repeats, math.ceil(settings.min_samples / max(1, n - 1)))
+    repeats = stream_repeats(n, settings.min_samples, settings.max_repeats)
     gen_times = [t for s in previous["streams"] for t in s["generate_s"]]
     gen = statistics.median(gen_times) if gen_times else 0.0
     gen_tokens = settings.gen_tokens if settings.gen_tokens > 0 else seg

@@ -65,7 +65,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    from bench.models import MODELS, build_model, describe, flop_model, segment_size
+    from bench.models import MODELS, build_model, describe, flop_model, segment_size, stream_repeats
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -83,8 +83,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     build_s = time.perf_counter() - t0
     flops = flop_model(name, model)
 
-    timed_per_stream = max(1, n_seg - 1)
-    repeats = 1 if n_seg > spec["min_samples"] else min(spec["max_repeats"], math.ceil(spec["min_samples"] / timed_per_stream))
+    repeats = stream_repeats(n_seg, spec["min_samples"], spec["max_repeats"])
     generator = torch.Generator(device=device).manual_seed(spec["seed"])
     vocab = model.get_input_embeddings().num_embeddings
 

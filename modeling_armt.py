@@ -595,6 +595,13 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("`labels` need the logits of every position: leave `logits_to_keep` at 0.")
 
+        if labels is None and isinstance(logits_to_keep, int) and logits_to_keep == 0 and (
+            length > 8 * self.config.segment_size
+        ):
+            logger.warning_once(
+                f"ARMT builds logits for all {length} positions of this input (logits_to_keep=0): pass "
+                "logits_to_keep=1 (or the positions you need) to keep memory flat on long inputs."
+            )
         keep_mask = torch.zeros(length, dtype=torch.bool)
         if isinstance(logits_to_keep, int):
             keep_mask[-logits_to_keep if logits_to_keep else 0 :] = True

@@ -108,6 +108,7 @@ def test_save_load_in_fresh_process_is_bit_identical(tmp_path):
     assert (tmp_path / "model" / "modeling_armt.py").exists()
     script = f"""
 import torch
+torch.set_num_threads({torch.get_num_threads()})  # same reduction order as this process
 from transformers import AutoConfig, AutoModelForCausalLM
 folder = {str(tmp_path / 'model')!r}
 assert AutoConfig.from_pretrained(folder, trust_remote_code=True).model_type == "armt"

@@ -10,6 +10,17 @@ INSTRUCT_TEMPLATE = (
 )
 RAW_SEPARATOR = "GEN"  # the RMT / ARMT BABILong fine-tuning scripts put the token "GEN" before the answer
 
+# BABILong uses the same instruction for qa2 and qa3 (objects carried between locations).
+_CARRY_INSTRUCTION = (
+    "I give you context with the facts about locations and actions of different persons "
+    "hidden in some random text and a question. "
+    "You need to answer the question based only on the information from the facts.\n"
+    "If a person got an item in the first location and travelled to the second location "
+    "the item is also in the second location. "
+    "If a person dropped an item in the first location and moved to the second location "
+    "the item remains in the first location."
+)
+
 DEFAULT_PROMPTS: dict[str, dict[str, str]] = {
     "qa1": {
         "instruction": (
@@ -36,15 +47,7 @@ DEFAULT_PROMPTS: dict[str, dict[str, str]] = {
         ),
     },
     "qa2": {
-        "instruction": (
-            "I give you context with the facts about locations and actions of different persons "
-            "hidden in some random text and a question. "
-            "You need to answer the question based only on the information from the facts.\n"
-            "If a person got an item in the first location and travelled to the second location "
-            "the item is also in the second location. "
-            "If a person dropped an item in the first location and moved to the second location "
-            "the item remains in the first location."
-        ),
+        "instruction": _CARRY_INSTRUCTION,
         "examples": (
             "<example>\n"
             "Charlie went to the kitchen. Charlie got a bottle. Charlie moved to the balcony. "
@@ -63,15 +66,7 @@ DEFAULT_PROMPTS: dict[str, dict[str, str]] = {
         ),
     },
     "qa3": {
-        "instruction": (
-            "I give you context with the facts about locations and actions of different persons "
-            "hidden in some random text and a question. "
-            "You need to answer the question based only on the information from the facts.\n"
-            "If a person got an item in the first location and travelled to the second location "
-            "the item is also in the second location. "
-            "If a person dropped an item in the first location and moved to the second location "
-            "the item remains in the first location."
-        ),
+        "instruction": _CARRY_INSTRUCTION,
         "examples": (
             "<example>\n"
             "John journeyed to the bedroom.Mary grabbed the apple. Mary went back to the bathroom. "

@@ -31,7 +31,8 @@ def tiny_backbone_config(family: str = "gpt2", **overrides):
     return AutoConfig.for_model(family, **{**TINY_BACKBONES[family], **overrides})
 
 
-def tiny_armt(family: str = "gpt2", seed: int = 0, random_memory: bool = True, **armt_kwargs):
+def tiny_armt(family: str = "gpt2", seed: int = 0, random_memory: bool = True, backbone: dict | None = None,
+              **armt_kwargs):
     """A tiny ARMT in eval mode; with `random_memory`, the memory parameters get trained-looking random values
     (W_v is zero in a fresh model) so that memory reads change the outputs."""
     from configuration_armt import ARMTConfig
@@ -40,7 +41,7 @@ def tiny_armt(family: str = "gpt2", seed: int = 0, random_memory: bool = True, *
     torch.manual_seed(seed)
     kwargs = dict(num_mem_tokens=3, d_mem=8, segment_size=8)
     kwargs.update(armt_kwargs)
-    model = ARMTForCausalLM(ARMTConfig(base_config=tiny_backbone_config(family), **kwargs))
+    model = ARMTForCausalLM(ARMTConfig(base_config=tiny_backbone_config(family, **(backbone or {})), **kwargs))
     if random_memory:
         with torch.no_grad():
             model.memory_embeddings.normal_(0, 1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, tiny_backbone_config
+from conftest import ROOT, tiny_armt
 
 TINY = ["--hidden-size", "32", "--layers", "2", "--heads", "2", "--num-mem-tokens", "2", "--d-mem", "8",
         "--threads", "1", "--logging-steps", "1", "--eval-steps", "0"]
@@ -104,18 +104,7 @@ def test_two_processes_give_the_loss_curve_of_one_with_the_same_global_batch(tmp
 
 
 def tiny_model():
-    from configuration_armt import ARMTConfig
-    from modeling_armt import ARMTForCausalLM
-
-    torch.manual_seed(0)
-    base = tiny_backbone_config("gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = ARMTForCausalLM(ARMTConfig(base_config=base, num_mem_tokens=3, d_mem=8, segment_size=8))
-    with torch.no_grad():
-        model.memory_embeddings.normal_(0, 1)
-        for layer in model.memory_layers:
-            for proj in (layer.q_proj, layer.k_proj, layer.v_proj):
-                proj.weight.normal_(0, 0.3)
-    return model.train()
+    return tiny_armt("gpt2", backbone=dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
 
 
 def batch(model, length: int = 37, answer: int = 3, every: int = 0):

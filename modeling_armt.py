@@ -38,10 +38,15 @@ logger = logging.get_logger(__name__)
 
 
 def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
-    """Deterministic parameter-free projection (Schlag et al. 2021): (..., d) -> (..., 2 * nu * d)."""
-    x = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
-    rolled = torch.cat([x.roll(shifts=j, dims=-1) for j in range(1, nu + 1)], dim=-1)
-    return x.repeat(*([1] * (x.dim() - 1)), nu) * rolled
+    """Deterministic parameter-free projection (Schlag et al. 2021): (..., d) -> (..., 2 * nu * d).
+
+    With x' = [relu(x), relu(-x)] (width w = 2d), feature j * w + i is x'_i * x'_{(i - j - 1) mod w}, j < nu: the
+    rolled copies are slices of [x', x'], multiplied by x' in one broadcast product."""
+    x = torch.cat([x, -x], dim=-1).clamp_min_(0)
+    width = x.shape[-1]
+    doubled = torch.cat([x, x], dim=-1)
+    rolled = torch.stack([doubled[..., width - shift : 2 * width - shift] for shift in range(1, nu + 1)], dim=-2)
+    return (x.unsqueeze(-2) * rolled).flatten(-2)
 
 
 class ARMTMemoryLayer(nn.Module):
@@ -61,8 +66,10 @@ class ARMTMemoryLayer(nn.Module):
     def read(self, hidden_states: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y = phi(W_q h) A / (phi(W_q h) . z + eps), in float32; returns h + y in h's dtype."""
         q = dpfp(self.q_proj(hidden_states).float(), self.nu)  # (B, T, d_key)
-        y = (q @ A) / ((q @ z.unsqueeze(-1)) + self.eps)  # (B, T, d_model)
-        return hidden_states + y.to(hidden_states.dtype)
+        q = q / (q @ z.unsqueeze(-1)).add_(self.eps)  # the normaliser scales q's rows: d_key columns, not d_model
+        if hidden_states.dtype == torch.float32:
+            return torch.baddbmm(hidden_states, q, A)
+        return hidden_states + torch.bmm(q, A).to(hidden_states.dtype)
 
     def write(
         self, memory_states: torch.Tensor, A: torch.Tensor, z: torch.Tensor, written: torch.Tensor
@@ -82,7 +89,7 @@ class ARMTMemoryLayer(nn.Module):
             gamma = torch.where(was_written, gamma.clamp(0, 1).detach(), 1.0)
         else:
             gamma = torch.ones_like(beta)
-        A = A + k.transpose(1, 2) @ (beta * (v - v_bar))  # (B, d_key, d_model)
+        A = torch.baddbmm(A, k.transpose(1, 2), beta * (v - v_bar))  # (B, d_key, d_model)
         z = z + (gamma * k).sum(1)  # (B, d_key)
         return A, z
 
@@ -141,6 +148,11 @@ class ARMTCache(Cache):
     def segment_fill(self) -> torch.Tensor:
         """Real tokens of each row's current, unfinished segment (CPU, (B,))."""
         return self.row_tokens % self.segment_size
+
+    @property
+    def has_memory(self) -> bool:
+        """Some row's memory holds something (== memory_written.any(), from the CPU counters: no device sync)."""
+        return bool((self.row_tokens >= self.segment_size).any())
 
     @property
     def is_aligned(self) -> bool:
@@ -456,10 +468,11 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             raise ValueError(f"The input must be (batch, length) with both > 0, got shape {tuple(shape)}.")
         if input_ids is not None:
             vocab_size = self.get_input_embeddings().num_embeddings
-            if input_ids.min() < 0 or input_ids.max() >= vocab_size:
+            low, high = torch.aminmax(input_ids)
+            if bool((low < 0) | (high >= vocab_size)):  # one reduction and one device sync per call
                 raise ValueError(
                     f"input_ids must lie in [0, {vocab_size}) (the embedding table's size); got values in "
-                    f"[{int(input_ids.min())}, {int(input_ids.max())}]."
+                    f"[{int(low)}, {int(high)}]."
                 )
         if attention_mask is not None and tuple(attention_mask.shape) != (shape[0], past_length + shape[1]):
             raise ValueError(
@@ -471,6 +484,7 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
         self,
         embeds: torch.Tensor,
         written: torch.Tensor,
+        read: bool,
         A: list[torch.Tensor],
         z: list[torch.Tensor],
         keep: torch.Tensor | None,
@@ -491,7 +505,7 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             A=A,
             z=z,
             written=written,
-            read=bool(written.any()),
+            read=read,
             num_memory=num_memory,
             write_rows=write_rows,
             memory_positions=self.memory_position_embeddings,
@@ -512,13 +526,13 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             _ACTIVE_STEP.reset(token)
         return (outputs.logits if keep is not None else None), step.new_A, step.new_z
 
-    def _checkpointed_segment(self, embeds, written, A, z, keep, position_ids, attention_mask):
+    def _checkpointed_segment(self, embeds, written, read, A, z, keep, position_ids, attention_mask):
         """A whole segment with its memory write under gradient checkpointing (the hooks run again on recompute)."""
         num_layers = len(A)
 
         def run(embeds, *state):
             logits, new_A, new_z = self._run_backbone(
-                embeds, written, list(state[:num_layers]), list(state[num_layers:]), keep, True,
+                embeds, written, read, list(state[:num_layers]), list(state[num_layers:]), keep, True,
                 attention_mask=attention_mask, position_ids=position_ids,
             )
             return (logits, *new_A, *new_z)
@@ -657,11 +671,11 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             )
         if self.gradient_checkpointing and self.training and segment_cache is None and write:
             logits, A, z = self._checkpointed_segment(
-                embeds, cache.memory_written, A, z, keep, position_ids, attention_mask
+                embeds, cache.memory_written, cache.has_memory, A, z, keep, position_ids, attention_mask
             )
         else:
             logits, A, z = self._run_backbone(
-                embeds, cache.memory_written, A, z, keep, write,
+                embeds, cache.memory_written, cache.has_memory, A, z, keep, write,
                 attention_mask=attention_mask, position_ids=position_ids, segment_cache=segment_cache,
             )
         cache.row_tokens += embeds.shape[1]
@@ -693,7 +707,7 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
         attention_mask = torch.cat(parts, dim=1)
         rows = write_rows.to(device) if write else None
         logits, A, z = self._run_backbone(
-            embeds, cache.memory_written, A, z, keep, write, write_rows=rows,
+            embeds, cache.memory_written, cache.has_memory, A, z, keep, write, write_rows=rows,
             attention_mask=attention_mask, position_ids=position_ids, segment_cache=cache.segment_cache,
         )
         if write:

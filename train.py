@@ -535,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--init-from", metavar="PATH", help="start from an ARMT folder, or wrap a backbone (folder or "
                        "Hub id) in a fresh ARMT; default: a new model from scratch")
+    model.add_argument("--no-memory", action="store_true",
+                       help="ablation: W_v is zero and frozen, so memory reads always return 0 and nothing passes "
+                       "between segments (the memory tokens stay in every segment)")
     model.add_argument("--backbone", choices=("gpt2", "llama"), help="from-scratch backbone family (default gpt2)")
     model.add_argument("--hidden-size", type=int, help=f"default {MODEL_DEFAULTS['hidden_size']}")
     model.add_argument("--layers", type=int, help=f"default {MODEL_DEFAULTS['layers']}")
@@ -673,6 +676,10 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> ARMTTrainer:
 
     set_seed(args.seed)
     model = build_model(args, vocab_size, eos)
+    if args.no_memory:
+        for layer in model.memory_layers:
+            layer.v_proj.weight.data.zero_()
+            layer.v_proj.weight.requires_grad_(False)
     if args.bptt_depth is not None and args.bptt_depth >= stages[-1]:
         logger.info("--bptt-depth %d covers every curriculum length: full backprop.", args.bptt_depth)
     pad = eos if eos is not None else 0

@@ -58,6 +58,19 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
         assert torch.equal(value, final[name]), name
 
 
+def test_no_memory_ablation_keeps_w_v_zero_so_nothing_passes_between_segments(tmp_path):
+    trainer = run([*TINY_AR, "--no-memory", "--curriculum", "2", "--max-steps", "3", "--batch-size", "4",
+                   "--learning-rate", "3e-3", "--output-dir", str(tmp_path)])
+    model = trainer.model.eval()
+    assert all(not layer.v_proj.weight.any() for layer in model.memory_layers)
+    assert any(not p.equal(torch.zeros_like(p)) for p in model.memory_layers.parameters())  # q/k/b are not zero
+    segment = model.config.segment_size
+    first, second = torch.randint(1, 10, (2, 1, segment)), torch.randint(1, 10, (1, segment))
+    with torch.no_grad():
+        logits = [model(torch.cat([head, second], 1)).logits[:, -segment:] for head in first]
+    assert torch.equal(logits[0], logits[1])
+
+
 def test_existing_checkpoints_need_resume(tmp_path):
     run([*TINY_AR, "--curriculum", "1", "--max-steps", "2", "--batch-size", "2", "--save-steps", "2",
          "--output-dir", str(tmp_path)])

@@ -23,6 +23,7 @@ over gloo.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -30,13 +31,14 @@ import os
 import random
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import AutoConfig, EvalPrediction, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -100,7 +102,7 @@ class BabilongTask:
     builds a sample of exactly that many tokens."""
 
     def __init__(self, task: str, tokenizer, haystack, segment_size: int, separator: str = "GEN",
-                 babi_dir: str | None = None, seed: int = 0):
+                 babi_dir: str | None = None, seed: int = 0, context_questions: bool = False):
         from eval.babi import check_task, find_babi_file, read_babi_file
 
         self.task = check_task(task)
@@ -110,6 +112,8 @@ class BabilongTask:
         self.separator_ids = self._ids(separator)
         self.eos = tokenizer.eos_token_id
         self.seed = seed
+        self.context_questions = context_questions
+        self._sentence_cache: dict[int, list[int]] = {}  # haystack sentence index -> its ids (with a leading space)
         self.babi_file = list(read_babi_file(find_babi_file(babi_dir, task))) if babi_dir else None
 
     def _ids(self, text: str) -> list[int]:
@@ -119,27 +123,39 @@ class BabilongTask:
         return num_segments * self.segment_size - rng.randrange(self.segment_size // 2 + 1)
 
     def _candidates(self, rng: random.Random) -> Iterator:
-        """bAbI samples in random order: questions anywhere in a story, as BABILong asks them."""
+        """(bAbI sample, the story's earlier questions) in random order: questions anywhere in a story, as BABILong
+        asks them. The earlier questions (generated stories only) are samples whose facts are a prefix."""
         from eval.babi import QUESTIONS_PER_STORY, generate_babi
 
         while True:
             if self.babi_file is not None:
-                yield self.babi_file[rng.randrange(len(self.babi_file))]
+                yield self.babi_file[rng.randrange(len(self.babi_file))], []
                 continue
             stream = generate_babi(self.task, f"{self.seed}-{rng.getrandbits(48)}")
             story = list(islice(stream, QUESTIONS_PER_STORY))
-            rng.shuffle(story)
-            yield from story
+            order = list(range(len(story)))
+            rng.shuffle(order)
+            for index in order:
+                yield story[index], story[:index]
 
     def sample(self, rng: random.Random, length: int) -> dict[str, list[int]]:
-        for attempt, babi in enumerate(self._candidates(rng)):
+        for attempt, (babi, earlier) in enumerate(self._candidates(rng)):
             question, answer = self._ids(babi.question), self._ids(babi.answer) + [self.eos]
             budget = length - len(question) - len(self.separator_ids) - len(answer)
-            facts = [self._ids(" " + f) for f in babi.facts]
-            if sum(map(len, facts)) + 2 <= budget:  # 2: room for the first piece's tokenization without a space
-                context = self._context(babi.facts, facts, budget, rng)
+            texts = list(babi.facts)
+            facts = [(ids, [IGNORE_INDEX] * len(ids)) for ids in map(self._ids, (" " + f for f in texts))]
+            if self.context_questions:  # each earlier question (with its answer) right after its last fact
+                for before in reversed(earlier):
+                    asked = self._ids(" " + before.question) + self.separator_ids
+                    told = self._ids(before.answer)
+                    at = len(before.facts)
+                    texts.insert(at, " " + before.question)
+                    facts.insert(at, (asked + told, [IGNORE_INDEX] * len(asked) + told))
+            if sum(len(ids) for ids, _ in facts) + 2 <= budget:  # 2: room for the first piece without a space
+                context, labels = self._context(texts, facts, budget, rng)
                 prompt = context + question + self.separator_ids
-                return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
+                return {"input_ids": prompt + answer,
+                        "labels": labels + [IGNORE_INDEX] * (len(prompt) - len(context)) + answer}
             if attempt >= 50:
                 break
         raise TrainError(
@@ -147,33 +163,33 @@ class BabilongTask:
             "them): use a larger --segment-size."
         )
 
-    def _context(self, fact_texts: list[str], fact_ids: list[list[int]], budget: int,
-                 rng: random.Random) -> list[int]:
-        """Facts in order at sorted random gaps between background sentences, cut to exactly `budget` tokens
-        (the last background sentences are cut, as BABILong cuts its last one)."""
-        needed = budget - sum(map(len, fact_ids)) + 8  # a margin: the first piece loses its leading space
+    def _context(self, fact_texts: list[str], facts: list[tuple[list[int], list[int]]], budget: int,
+                 rng: random.Random) -> tuple[list[int], list[int]]:
+        """Facts (ids, labels) in order at sorted random gaps between background sentences, cut to exactly `budget`
+        tokens (the last background sentences are cut, as BABILong cuts its last one); returns (ids, labels)."""
+        needed = budget - sum(len(ids) for ids, _ in facts) + 8  # a margin: the first piece loses its leading space
         sentences = self.haystack.sentences
         background: list[tuple[str, list[int]]] = []
         position, got = rng.randrange(len(sentences)), 0
         while got < needed:
-            texts = [sentences[(position + j) % len(sentences)] for j in range(64)]
+            indices = [(position + j) % len(sentences) for j in range(64)]
             position += 64
-            encoded = self.tokenizer([" " + t for t in texts], add_special_tokens=False)["input_ids"]
-            for text, ids in zip(texts, encoded):
-                background.append((text, ids))
+            for index, ids in zip(indices, self._sentence_ids(indices)):
+                background.append((sentences[index], ids))
                 got += len(ids)
                 if got >= needed:
                     break
-        slots = sorted(rng.choices(range(len(background) + 1), k=len(fact_ids)))
-        pieces: list[list] = []  # [is background, text, ids]
+        slots = sorted(rng.choices(range(len(background) + 1), k=len(facts)))
+        pieces: list[list] = []  # [is background, text, ids, labels or None]
         fact = 0
         for gap in range(len(background) + 1):
-            while fact < len(fact_ids) and slots[fact] == gap:
-                pieces.append([False, fact_texts[fact], fact_ids[fact]])
+            while fact < len(facts) and slots[fact] == gap:
+                pieces.append([False, fact_texts[fact], *facts[fact]])
                 fact += 1
             if gap < len(background):
-                pieces.append([True, *background[gap]])
+                pieces.append([True, *background[gap], None])
         pieces[0][2] = self._ids(pieces[0][1])  # the input starts without a space, as the joined text does
+        pieces[0][3] = None  # the first piece is background or a fact, never an earlier question
         overshoot = sum(len(piece[2]) for piece in pieces) - budget
         for piece in reversed(pieces):  # cut background from the end
             if overshoot <= 0:
@@ -183,9 +199,20 @@ class BabilongTask:
                 piece[2] = piece[2][: len(piece[2]) - cut]
                 overshoot -= cut
         context = [token for piece in pieces for token in piece[2]]
+        labels = [label for piece in pieces for label in (piece[3] or [IGNORE_INDEX] * len(piece[2]))]
         if len(context) != budget:
             raise TrainError(f"Could not fill {budget} context tokens from the haystack (got {len(context)}).")
-        return context
+        return context, labels
+
+
+    def _sentence_ids(self, indices: list[int]) -> list[list[int]]:
+        """Token ids of haystack sentences (leading space included), tokenized once per process."""
+        cache = self._sentence_cache
+        missing = [i for i in indices if i not in cache]
+        if missing:
+            texts = [" " + self.haystack.sentences[i] for i in missing]
+            cache.update(zip(missing, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
+        return [cache[i] for i in indices]
 
 
 class AssociativeRetrievalTask:
@@ -277,13 +304,37 @@ def segment_groups(length: int, segment_size: int, depth: int | None) -> list[tu
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+# Backbones whose causal-LM forward computes logits as lm_head(final hidden states) and nothing more (no soft-capping or
+# scaling), so the loss can apply lm_head to the labelled (row, column) pairs only.
+PLAIN_HEAD_MODELS = frozenset({"gpt2", "llama"})
+
+
+class _FinalHidden(nn.Module):
+    """Stands in for the output layer during a forward: the model's "logits" are then its final hidden states."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+@contextmanager
+def final_hidden_states(unwrapped: ARMTForCausalLM):
+    """Within the block, the model returns final hidden states instead of logits; yields the real output layer."""
+    head = unwrapped.get_output_embeddings()
+    unwrapped.set_output_embeddings(_FinalHidden())
+    try:
+        yield head
+    finally:
+        unwrapped.set_output_embeddings(head)
+
+
 def armt_loss(model, unwrapped: ARMTForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor,
               attention_mask: torch.Tensor | None = None, bptt_depth: int | None = None, scale: float = 1.0,
               backward: Callable[[torch.Tensor], None] | None = None,
               no_sync: Callable[[], object] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of the labelled tokens times `scale`, read group by group of `bptt_depth` segments.
 
-    Only the labelled positions get logits. The memory is detached between groups; every group's loss but the last
+    Only the labelled positions get logits: for gpt2/llama backbones without gradient checkpointing exactly the
+    labelled (row, column) pairs, otherwise every row at the columns where some row has a label. The memory is detached between groups; every group's loss but the last
     one is backpropagated at once through `backward` (inside `no_sync()`, for DDP), so that only one group's graph
     is alive; the returned loss carries the graph of the last group (plus the earlier groups' values, detached).
     Groups without labels before the last labelled one run without a graph; groups after it are not run.
@@ -299,20 +350,26 @@ def armt_loss(model, unwrapped: ARMTForCausalLM, input_ids: torch.Tensor, labels
     total = torch.zeros((), device=input_ids.device)
     wrong = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     final = None
+    # (gradient checkpointing recomputes segments in backward, after the output layer is back: no swap then)
+    per_pair = unwrapped.config.base_config.model_type in PLAIN_HEAD_MODELS and not unwrapped.gradient_checkpointing
     for index, (start, end) in enumerate(groups[: last + 1]):
         mask = attention_mask[:, :end] if attention_mask is not None else None
         keep = labelled[:, start:end].any(0).nonzero().squeeze(-1)
         grad = torch.is_grad_enabled() and with_loss[index]
         sync = no_sync() if (index < last and grad and no_sync is not None) else nullcontext()
         with sync, torch.set_grad_enabled(grad):
-            out = model(input_ids[:, start:end], attention_mask=mask, cache=cache, use_cache=False,
-                        logits_to_keep=keep if keep.numel() else 1)
+            with final_hidden_states(unwrapped) if per_pair else nullcontext() as head:
+                out = model(input_ids[:, start:end], attention_mask=mask, cache=cache, use_cache=False,
+                            logits_to_keep=keep if keep.numel() else 1)
             if keep.numel():
-                logits = out.logits.float()
                 target = targets[:, start:end][:, keep]
-                loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
-                                       reduction="sum") * scale
-                wrong |= ((logits.argmax(-1) != target) & (target != IGNORE_INDEX)).any(1)
+                pairs = target != IGNORE_INDEX  # (B, kept columns)
+                rows = pairs.nonzero()[:, 0]
+                selected = out.logits[pairs]  # (labelled pairs, hidden or vocab)
+                logits = (head(selected) if per_pair else selected).float()
+                target = target[pairs]
+                loss = F.cross_entropy(logits, target, reduction="sum") * scale
+                wrong[rows[logits.argmax(-1) != target]] = True
                 if index == last:
                     final = loss
                 else:
@@ -499,7 +556,7 @@ def build_task(args: argparse.Namespace):
             raise TrainError(f"--haystack {' '.join(sources)}: {err}") from err
     try:
         task = BabilongTask(args.babilong_task, tokenizer, haystack, args.segment_size, args.separator,
-                            args.babi_dir, args.seed)
+                            args.babi_dir, args.seed, args.context_questions)
     except (ValueError, FileNotFoundError) as err:
         raise TrainError(str(err)) from err
     return task, tokenizer, len(tokenizer), tokenizer.eos_token_id
@@ -517,6 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help='background text: text files / folders, "austen" (default; Debian r-cran-janeaustenr, '
                       'see python -m eval.haystack fetch-austen), "pg19" (Hub) or "synthetic" (built-in, for tests)')
     data.add_argument("--babi-dir", help="real bAbI v1.2 files (qa{N}_*_test.txt) instead of generated stories")
+    data.add_argument("--context-questions", action="store_true",
+                      help="BABILong training samples also ask the story's earlier questions inside the input, each "
+                      "right after its last fact and followed by its answer (supervised, no EOS): several answers "
+                      "per sample instead of one; evaluation samples stay plain")
     data.add_argument("--separator", default="GEN", help="text between question and answer (default GEN, as eval)")
     data.add_argument("--tokenizer", default="gpt2", help='"gpt2" (offline GPT-2 BPE, default) or a tokenizer '
                       "folder / Hub id")
@@ -672,7 +733,9 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> ARMTTrainer:
     train_data = CurriculumDataset(task, curriculum, args.max_steps, global_batch, args.seed)
     eval_data = None
     if args.eval_steps:
-        eval_data = FixedDataset(task, args.eval_segments or stages[-1], args.eval_samples, args.seed)
+        plain = copy.copy(task)
+        plain.context_questions = False
+        eval_data = FixedDataset(plain, args.eval_segments or stages[-1], args.eval_samples, args.seed)
 
     set_seed(args.seed)
     model = build_model(args, vocab_size, eos)

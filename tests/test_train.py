@@ -187,6 +187,26 @@ def test_truncated_bptt_keeps_the_loss_and_cuts_gradients():
     assert "memory_embeddings" not in grads and "backbone.transformer.wte.weight" in grads
 
 
+@pytest.mark.parametrize("plain_head", [True, False])
+def test_rows_labelled_at_different_columns_give_the_plain_loss_gradients_and_accuracy(plain_head, monkeypatch):
+    if not plain_head:  # the fallback: every row's logits at the union of labelled columns
+        monkeypatch.setattr(train, "PLAIN_HEAD_MODELS", frozenset())
+    model = tiny_model()
+    ids, labels = batch(model, length=37, answer=2)
+    labels[0, 5], labels[1, 20], labels[1, 29] = ids[0, 5], ids[1, 20], ids[1, 29]
+    plain = plain_loss_and_grads(model, ids, labels)
+    assert_same(group_loss_and_grads(model, ids, labels, None), plain)
+    torch.testing.assert_close(group_loss_and_grads(model, ids, labels, 2)[0], plain[0], atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        logits = model(ids).logits
+        _, count, correct = train.armt_loss(model, model, ids, labels, bptt_depth=2)
+    targets = train.shifted_targets(labels)
+    expected = ((logits.argmax(-1) == targets) | (targets == -100)).all(1)
+    assert int(count) == 7 and torch.equal(correct, expected)
+    labels[:, 1:] = torch.where(labels[:, 1:] == -100, -100, logits.argmax(-1)[:, :-1])
+    assert train.armt_loss(model, model, ids, labels, bptt_depth=2)[2].all()  # labels = argmax: all correct
+
+
 @pytest.mark.parametrize("depth", [None, 2])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(depth):
     model = tiny_model()
@@ -214,6 +234,40 @@ def test_babilong_samples_have_the_step_length_and_loss_on_the_answer_only():
         text = tokenizer.decode(sample["input_ids"])
         assert "Where is" in text and f"GEN{tokenizer.decode(answer[:-1])}<|endoftext|>" in text
         assert text.split("Where is ")[1].split("?")[0] in text.split("Where is")[0]  # the actor is in the facts
+
+
+def test_context_questions_ask_the_storys_earlier_questions_with_their_answers():
+    import re
+
+    from eval.tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    haystack = train.synthetic_haystack(tokenizer, 300)
+    task = train.BabilongTask("qa1", tokenizer, haystack, segment_size=64, context_questions=True)
+    inner = 0
+    for index in range(8):
+        sample = task.sample(random.Random(index), 400)
+        ids, labels = sample["input_ids"], sample["labels"]
+        assert len(ids) == len(labels) == 400 and labels[-1] == tokenizer.eos_token_id
+        spans, start = [], None  # maximal runs of labelled tokens
+        for i, label in enumerate([*labels, -100]):
+            if label != -100 and start is None:
+                start = i
+            if label == -100 and start is not None:
+                spans.append((start, i))
+                start = None
+        for start, end in spans:
+            assert labels[start:end] == ids[start:end]
+            before = tokenizer.decode(ids[:start])
+            assert before.endswith("GEN")
+            person = before.rsplit("Where is ", 1)[1].split("?")[0]
+            moves = re.findall(rf"{person} (?:moved|went|went back|journeyed|travelled) to the (\w+)\.", before)
+            answer = tokenizer.decode(ids[start:end]).replace("<|endoftext|>", "")
+            assert moves and moves[-1] == answer, (before, answer)
+        inner += len(spans) - 1
+    assert inner >= 8  # stories' earlier questions were asked inside the inputs
+    plain = train.BabilongTask("qa1", tokenizer, haystack, segment_size=64)
+    assert sum(label != -100 for label in plain.sample(random.Random(0), 400)["labels"]) <= 3
 
 
 def test_all_samples_of_a_step_share_one_length_and_the_curriculum_grows():

@@ -78,7 +78,7 @@ class Curriculum:
     def segments(self, step: int) -> int:
         """The number of segments of every sample of optimizer step `step`."""
         top = self.max_segments(step)
-        return top if self.sampling == "max" else self.step_rng(step).randint(1, top)
+        return top if self.sampling == "max" or top == 0 else self.step_rng(step).randint(1, top)
 
 
 def parse_curriculum(value: str) -> tuple[int, ...]:
@@ -86,8 +86,9 @@ def parse_curriculum(value: str) -> tuple[int, ...]:
         stages = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise TrainError(f"--curriculum must be comma-separated integers, got {value!r}.") from None
-    if not stages or min(stages) < 1 or list(stages) != sorted(stages):
-        raise TrainError(f"--curriculum must list increasing segment counts >= 1, got {value!r}.")
+    if not stages or min(stages) < 0 or 0 in stages[1:] or stages[-1] < 1 or list(stages) != sorted(stages):
+        raise TrainError(f"--curriculum must list increasing segment counts >= 1 (a first stage of 0: the stories "
+                         f"alone), got {value!r}.")
     return stages
 
 
@@ -120,6 +121,9 @@ class BabilongTask:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def length(self, num_segments: int, rng: random.Random) -> int:
+        """0 segments: 0, the story alone (its own length, no background)."""
+        if num_segments == 0:
+            return 0
         return num_segments * self.segment_size - rng.randrange(self.segment_size // 2 + 1)
 
     def _candidates(self, rng: random.Random) -> Iterator:
@@ -151,8 +155,15 @@ class BabilongTask:
                     at = len(before.facts)
                     texts.insert(at, " " + before.question)
                     facts.insert(at, (asked + told, [IGNORE_INDEX] * len(asked) + told))
-            if sum(len(ids) for ids, _ in facts) + 2 <= budget:  # 2: room for the first piece without a space
+            if length == 0:  # the story alone; its first fact without the leading space, as the joined text
+                first = self._ids(texts[0])
+                context = first + [token for ids, _ in facts[1:] for token in ids]
+                labels = [IGNORE_INDEX] * len(first) + [label for _, part in facts[1:] for label in part]
+            elif sum(len(ids) for ids, _ in facts) + 2 <= budget:  # 2: room for the first piece without a space
                 context, labels = self._context(texts, facts, budget, rng)
+            else:
+                context = None
+            if context is not None:
                 prompt = context + question + self.separator_ids
                 return {"input_ids": prompt + answer,
                         "labels": labels + [IGNORE_INDEX] * (len(prompt) - len(context)) + answer}
@@ -694,6 +705,8 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> ARMTTrainer:
     if vocab_size < data_vocab:
         raise TrainError(f"--vocab-size {vocab_size} is below the {data_vocab} token ids the data uses.")
     stages = parse_curriculum(args.curriculum)
+    if stages[0] == 0 and args.task != "babilong":
+        raise TrainError("A curriculum stage of 0 segments (the stories alone) is for --task babilong.")
     # `accelerate launch --multi_gpu` / torchrun on a machine without an accelerator: processes on CPU, gloo
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
     training_args = TrainingArguments(

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -237,8 +238,6 @@ def test_babilong_samples_have_the_step_length_and_loss_on_the_answer_only():
 
 
 def test_context_questions_ask_the_storys_earlier_questions_with_their_answers():
-    import re
-
     from eval.tokenizer import gpt2_tokenizer
 
     tokenizer = gpt2_tokenizer()
@@ -268,6 +267,24 @@ def test_context_questions_ask_the_storys_earlier_questions_with_their_answers()
     assert inner >= 8  # stories' earlier questions were asked inside the inputs
     plain = train.BabilongTask("qa1", tokenizer, haystack, segment_size=64)
     assert sum(label != -100 for label in plain.sample(random.Random(0), 400)["labels"]) <= 3
+
+
+def test_a_first_stage_of_zero_segments_gives_the_stories_alone():
+    from eval.tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    task = train.BabilongTask("qa1", tokenizer, train.synthetic_haystack(tokenizer, 300), segment_size=48)
+    curriculum = train.Curriculum(train.parse_curriculum("0,2"), stage_steps=2)
+    assert [curriculum.segments(step) for step in range(2)] == [0, 0] and curriculum.segments(5) in (1, 2)
+    sample = task.sample(random.Random(0), task.length(0, random.Random(0)))
+    text = tokenizer.decode(sample["input_ids"])
+    sentences = text.split("Where is")[0].split(". ")
+    assert all(re.fullmatch(r"(Mary|John|Daniel|Sandra) [a-z ]+ to the [a-z]+\.?", s) for s in sentences), text
+    batch = train.collate([sample, task.sample(random.Random(1), 0)])
+    assert "attention_mask" in batch or batch["input_ids"].shape[1] == len(sample["input_ids"])
+    for bad in ("1,0", "0", "0,0,1", "-1,2"):
+        with pytest.raises(train.TrainError, match="curriculum"):
+            train.parse_curriculum(bad)
 
 
 def test_all_samples_of_a_step_share_one_length_and_the_curriculum_grows():

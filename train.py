@@ -103,7 +103,8 @@ class BabilongTask:
     builds a sample of exactly that many tokens."""
 
     def __init__(self, task: str, tokenizer, haystack, segment_size: int, separator: str = "GEN",
-                 babi_dir: str | None = None, seed: int = 0, context_questions: bool = False):
+                 babi_dir: str | None = None, seed: int = 0, context_questions: bool = False,
+                 answer_prefix: str = ""):
         from eval.babi import check_task, find_babi_file, read_babi_file
 
         self.task = check_task(task)
@@ -114,6 +115,7 @@ class BabilongTask:
         self.eos = tokenizer.eos_token_id
         self.seed = seed
         self.context_questions = context_questions
+        self.answer_prefix = answer_prefix
         self._sentence_cache: dict[int, list[int]] = {}  # haystack sentence index -> its ids (with a leading space)
         self.babi_file = list(read_babi_file(find_babi_file(babi_dir, task))) if babi_dir else None
 
@@ -144,14 +146,14 @@ class BabilongTask:
 
     def sample(self, rng: random.Random, length: int) -> dict[str, list[int]]:
         for attempt, (babi, earlier) in enumerate(self._candidates(rng)):
-            question, answer = self._ids(babi.question), self._ids(babi.answer) + [self.eos]
+            question, answer = self._ids(babi.question), self._ids(self.answer_prefix + babi.answer) + [self.eos]
             budget = length - len(question) - len(self.separator_ids) - len(answer)
             texts = list(babi.facts)
             facts = [(ids, [IGNORE_INDEX] * len(ids)) for ids in map(self._ids, (" " + f for f in texts))]
             if self.context_questions:  # each earlier question (with its answer) right after its last fact
                 for before in reversed(earlier):
                     asked = self._ids(" " + before.question) + self.separator_ids
-                    told = self._ids(before.answer)
+                    told = self._ids(self.answer_prefix + before.answer)
                     at = len(before.facts)
                     texts.insert(at, " " + before.question)
                     facts.insert(at, (asked + told, [IGNORE_INDEX] * len(asked) + told))
@@ -567,7 +569,7 @@ def build_task(args: argparse.Namespace):
             raise TrainError(f"--haystack {' '.join(sources)}: {err}") from err
     try:
         task = BabilongTask(args.babilong_task, tokenizer, haystack, args.segment_size, args.separator,
-                            args.babi_dir, args.seed, args.context_questions)
+                            args.babi_dir, args.seed, args.context_questions, args.answer_prefix)
     except (ValueError, FileNotFoundError) as err:
         raise TrainError(str(err)) from err
     return task, tokenizer, len(tokenizer), tokenizer.eos_token_id
@@ -589,6 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="BABILong training samples also ask the story's earlier questions inside the input, each "
                       "right after its last fact and followed by its answer (supervised, no EOS): several answers "
                       "per sample instead of one; evaluation samples stay plain")
+    data.add_argument("--answer-prefix", default="", metavar="TEXT",
+                      help='text the answer starts with (default none, the authors\' "GENbathroom"); " " makes the '
+                      "answer the very token the facts use for the place (\" bathroom\"), so answering is copying; "
+                      "BABILong's scoring strips it")
     data.add_argument("--separator", default="GEN", help="text between question and answer (default GEN, as eval)")
     data.add_argument("--tokenizer", default="gpt2", help='"gpt2" (offline GPT-2 BPE, default) or a tokenizer '
                       "folder / Hub id")

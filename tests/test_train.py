@@ -269,6 +269,22 @@ def test_context_questions_ask_the_storys_earlier_questions_with_their_answers()
     assert sum(label != -100 for label in plain.sample(random.Random(0), 400)["labels"]) <= 3
 
 
+def test_answer_prefix_makes_the_answer_the_facts_own_token():
+    from eval.metrics import score
+    from eval.tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    task = train.BabilongTask("qa1", tokenizer, train.synthetic_haystack(tokenizer, 300), segment_size=64,
+                              answer_prefix=" ")
+    for index in range(4):
+        sample = task.sample(random.Random(index), 120)
+        answer = [t for t in sample["labels"] if t != -100]
+        assert len(answer) == 2 and answer[0] in sample["input_ids"][:-3]  # one token, the one the facts use
+        text = tokenizer.decode(sample["input_ids"])
+        question = "Where is" + text.split("Where is")[-1].split("GEN")[0]
+        assert score("qa1", tokenizer.decode(answer[:1]).strip(), tokenizer.decode(answer), question)
+
+
 def test_a_first_stage_of_zero_segments_gives_the_stories_alone():
     from eval.tokenizer import gpt2_tokenizer
 

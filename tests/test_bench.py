@@ -33,3 +33,13 @@ def test_bench_help():
     proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and "--quick" in proc.stdout and "--device" in proc.stdout
+
+
+def test_profile_splits_a_segment_and_a_decode_step_into_parts(capsys):
+    from bench import profile
+
+    profile.main(["--tiny", "--repeats", "1", "--context", "8"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    parts = {row.split(" | ")[0].strip("| ").split(":")[0].strip(): float(row.split(" | ")[1]) for row in rows[1:]}
+    assert len(rows) == 1 + 2 * 9  # the header, then 9 rows per model
+    assert parts["armt-gpt2"] > 0 and parts["armt-llama"] > 0 and parts["backbone alone on the 32 tokens"] > 0

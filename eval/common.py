@@ -13,7 +13,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO_ROOT / "models" / "armt-babilong-qa1"  # filled by the BABILong training issue
+DEFAULT_MODEL = REPO_ROOT / "models" / "armt-babilong-qa1"  # shipped in the repository (README: "The default model")
 HUB_TIMEOUT_S = 5.0
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
@@ -44,8 +44,8 @@ def resolve_model(model: str | None, offline: bool) -> str:
     if model is None:
         if not DEFAULT_MODEL.is_dir():
             raise EvalError(
-                f"No --model given and the project's default model folder {DEFAULT_MODEL} does not exist yet (the "
-                "BABILong training issue creates it). Pass --model PATH_OR_HUB_ID."
+                f"No --model given and the project's default model folder {DEFAULT_MODEL} is missing (it ships with "
+                "the repository: restore it with `git checkout -- models`). Or pass --model PATH_OR_HUB_ID."
             )
         return str(DEFAULT_MODEL)
     if Path(model).is_dir():

@@ -107,7 +107,7 @@ def test_missing_default_model_says_what_to_do(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         run_cli("--offline", "--tasks", "qa1", "--lengths", "0k", "--output", tmp_path)
     err = capsys.readouterr().err
-    assert "armt-babilong-qa1" in err and "does not exist" in err and "--model" in err
+    assert "armt-babilong-qa1" in err and "is missing" in err and "--model" in err
 
 
 @pytest.mark.parametrize("argv, message", [

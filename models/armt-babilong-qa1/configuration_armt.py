@@ -1,0 +1,105 @@
+"""ARMT model configuration."""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+# Backbone families whose positions come from a learned table, and that table's size field.
+LEARNED_POSITION_FIELDS = {"gpt2": "n_positions"}
+
+
+class ARMTConfig(PreTrainedConfig):
+    r"""
+    Configuration of an [`ARMTForCausalLM`]: an Associative Recurrent Memory Transformer (Rodkin et al. 2024)
+    around any decoder-only transformers backbone.
+
+    Args:
+        base_config (`PreTrainedConfig` or `dict`):
+            The backbone's full config (a dict needs its `model_type`). Saved inside this config, so an ARMT
+            folder is self-contained.
+        num_mem_tokens (`int`, defaults to 10):
+            M, the number of memory tokens appended to every segment. Must be >= 1.
+        d_mem (`int`, defaults to 64):
+            Size of the W_q / W_k projections before the DPFP feature map. Must be >= 1.
+        segment_size (`int`, defaults to 512):
+            Input tokens per segment (memory tokens not counted). Must be >= 1.
+        dpfp_nu (`int`, defaults to 3):
+            nu of the DPFP feature map; the key size is `2 * dpfp_nu * d_mem`. Must be in [1, 2 * d_mem).
+        correction (`bool`, defaults to `True`):
+            Use the delta-rule correction (vbar and gamma) when writing to a memory that holds something.
+        wrap_pos (`bool`, defaults to `False`):
+            Give memory tokens M extra learned position rows instead of the positions after the segment.
+            Only for backbones with a learned position table (GPT-2).
+        memory_eps (`float`, defaults to 1e-5):
+            The epsilon of the read and write denominators.
+    """
+
+    model_type = "armt"
+    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt2")}
+
+    base_config: dict | PreTrainedConfig | None = None
+    num_mem_tokens: int = 10
+    d_mem: int = 64
+    segment_size: int = 512
+    dpfp_nu: int = 3
+    correction: bool = True
+    wrap_pos: bool = False
+    memory_eps: float = 1e-5
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_armt()
+
+    def validate_armt(self) -> None:
+        """Raise `ValueError` naming the first field whose value is outside its allowed range."""
+        for name in ("num_mem_tokens", "d_mem", "segment_size", "dpfp_nu"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ARMTConfig.{name} must be an integer >= 1, got {value!r}.")
+        if self.dpfp_nu >= 2 * self.d_mem:
+            raise ValueError(f"ARMTConfig.dpfp_nu must be < 2 * d_mem = {2 * self.d_mem}, got {self.dpfp_nu}.")
+        if not self.memory_eps > 0:
+            raise ValueError(f"ARMTConfig.memory_eps must be > 0, got {self.memory_eps!r}.")
+        base = self.base_config
+        if base.model_type == "armt":
+            raise ValueError("ARMTConfig.base_config must be a backbone config, not another ARMT config.")
+        if getattr(base, "is_encoder_decoder", False) or base.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(
+                f"ARMTConfig.base_config must be a decoder-only causal LM config; model_type "
+                f"{base.model_type!r} is not (allowed: any type with an AutoModelForCausalLM class, not encoder-decoder)."
+            )
+        table_field = LEARNED_POSITION_FIELDS.get(base.model_type)
+        if self.wrap_pos and table_field is None:
+            raise ValueError(
+                f"ARMTConfig.wrap_pos needs a backbone with a learned position table "
+                f"({', '.join(LEARNED_POSITION_FIELDS)}); {base.model_type!r} has none. Set wrap_pos=False."
+            )
+        if table_field is not None:
+            table_size = getattr(base, table_field)
+            needed = self.segment_size + (0 if self.wrap_pos else self.num_mem_tokens)
+            if needed > table_size:
+                raise ValueError(
+                    f"ARMTConfig.segment_size{'' if self.wrap_pos else ' + num_mem_tokens'} = {needed} exceeds the "
+                    f"backbone's position table ({table_field}={table_size}); allowed: segment_size <= "
+                    f"{table_size - (0 if self.wrap_pos else self.num_mem_tokens)}."
+                )
+
+    @property
+    def d_key(self) -> int:
+        """Size of the DPFP keys: 2 * nu * d_mem."""
+        return 2 * self.dpfp_nu * self.d_mem
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_config.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base_config.hidden_size
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.base_config.num_hidden_layers
+
+
+__all__ = ["ARMTConfig"]

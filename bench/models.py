@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used, so that `--help` answers at once
+    from torch import nn
 
 # name -> (kind, backbone family)
 MODELS: dict[str, tuple[str, str]] = {
@@ -74,6 +74,7 @@ def build_model(name: str, tiny: bool = False, max_positions: int = 1024, seed: 
     """A random-initialised model in eval mode; a full-attention model's position table covers `max_positions`.
     ARMT's W_v gets random values (std 0.02) so that reads and writes carry real numbers, as in a trained model
     (a fresh ARMT has W_v = 0)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     kind, family = MODELS[name]
@@ -95,6 +96,7 @@ def build_model(name: str, tiny: bool = False, max_positions: int = 1024, seed: 
 
 def _linear_params(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:
     """Weights of every matmul layer (nn.Linear, GPT-2's Conv1D) under `module`, except those under `skip`."""
+    from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     skipped = {id(p) for s in skip for p in s.parameters()}

@@ -2,42 +2,43 @@
 the memory tokens, the memory reads and the memory writes (medians; random-initialised models, no downloads).
 
     python -m bench.profile                      # armt-gpt2 and armt-llama, 1 thread
-    python -m bench.profile --models armt-gpt2 --repeats 9 --threads 2
+    python -m bench.profile --models armt-gpt2 --min-run-time 5 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm.auto import tqdm
+from bench.models import ARMT_KWARGS, TINY_ARMT_KWARGS
 
-from bench.models import ARMT_KWARGS, TINY_ARMT_KWARGS, build_model
-
-
-def median_ms(jobs: dict[str, Callable[[], object]], repeats: int, device: torch.device,
-              desc: str = "") -> dict[str, float]:
-    """Median wall time in ms of each job over `repeats` rounds (after one warm-up round). The jobs take turns
-    within every round, so a change in the machine's load hits all of them alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {key: [] for key in jobs}
-    for round_ in tqdm(range(repeats + 1), desc=desc, leave=False):
-        for key, job in jobs.items():
-            sync()
-            start = time.perf_counter()
-            job()
-            sync()
-            if round_:
-                times[key].append(time.perf_counter() - start)
-    return {key: 1e3 * statistics.median(values) for key, values in times.items()}
+if TYPE_CHECKING:  # torch and transformers load in main(), after the arguments are parsed
+    import torch
 
 
-def profile_model(name: str, repeats: int, device: torch.device, dtype: torch.dtype, context: int,
+def median_ms(jobs: dict[str, Callable[[], object]], min_run_time: float, desc: str = "") -> dict[str, float]:
+    """Median wall time in ms of each job: `torch.utils.benchmark.Timer.blocked_autorange` over at least
+    `min_run_time` seconds per job, with the current torch thread count (CUDA is synchronised by the timer)."""
+    import torch
+    from torch.utils import benchmark
+    from tqdm.auto import tqdm
+
+    threads = torch.get_num_threads()
+    return {
+        key: 1e3 * benchmark.Timer("job()", globals={"job": job}, num_threads=threads)
+        .blocked_autorange(min_run_time=min_run_time).median
+        for key, job in tqdm(jobs.items(), desc=desc, leave=False)
+    }
+
+
+def profile_model(name: str, min_run_time: float, device: torch.device, dtype: torch.dtype, context: int,
                   tiny: bool = False) -> list[tuple]:
     """Rows (part, ms, share of the ARMT time) for one segment and for one decode step after `context` tokens."""
+    import torch
+
+    from bench.models import build_model
+
     model = build_model(name, tiny=tiny).to(device=device, dtype=dtype).eval()
     backbone = model.backbone
     seg, mem = model.config.segment_size, model.config.num_mem_tokens
@@ -84,7 +85,7 @@ def profile_model(name: str, repeats: int, device: torch.device, dtype: torch.dt
             "armt_decode": decode(armt_step),
             "backbone_decode": decode(backbone_step),
         }
-        ms = median_ms(jobs, repeats, device, desc=name)
+        ms = median_ms(jobs, min_run_time, desc=name)
     total, decode_total = ms["armt"], ms["armt_decode"]
     reads, writes = layers * ms["read"], layers * ms["write"]
     tokens = ms["backbone_mem"] - ms["backbone"]
@@ -104,11 +105,12 @@ def profile_model(name: str, repeats: int, device: torch.device, dtype: torch.dt
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=("armt-gpt2", "armt-llama"), default=["armt-gpt2", "armt-llama"])
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds; medians are shown (default 7)")
+    parser.add_argument("--min-run-time", type=float, default=2.0,
+                        help="seconds each part is timed for; medians are shown (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--context", type=int, default=256, help="decode: tokens already in the segment (default 256)")
     parser.add_argument("--device", default="cpu")
@@ -116,16 +118,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args(argv)
     segment = (TINY_ARMT_KWARGS if args.tiny else ARMT_KWARGS)["segment_size"]
-    if args.repeats < 1 or not 0 < args.context < segment:
-        parser.error(f"--repeats must be >= 1 and --context in 1..{segment - 1}.")
-    torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    print(f"{torch.get_num_threads()} torch thread(s), {device}, {args.dtype}, medians of {args.repeats} rounds; parts "
-          "are timed on their own, so the rest also absorbs timing noise\n")
-    print("| part | ms | share |\n|---|---:|---:|")
-    for name in args.models:
-        for part, ms, share in profile_model(name, args.repeats, device, dtype, args.context, args.tiny):
-            print(f"| {part} | {ms:.2f} | {100 * share:.1f}% |")
+    if not args.min_run_time > 0 or not 0 < args.context < segment:
+        parser.error(f"--min-run-time must be > 0 and --context in 1..{segment - 1}.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Prints the profile table. Torch's thread count and random state are as before when it returns."""
+    args = parse_args(argv)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng():  # build_model seeds the global generator
+            torch.set_num_threads(args.threads)
+            device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+            print(f"{args.threads} torch thread(s), {device}, {args.dtype}, medians over >= {args.min_run_time:g} s "
+                  "per part; parts are timed on their own, so the rest also absorbs timing noise\n")
+            print("| part | ms | share |\n|---|---:|---:|")
+            for name in args.models:
+                for part, ms, share in profile_model(name, args.min_run_time, device, dtype, args.context, args.tiny):
+                    print(f"| {part} | {ms:.2f} | {100 * share:.1f}% |")
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

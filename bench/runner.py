@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -137,6 +138,25 @@ def projection(previous: dict[str, Any], length: int, settings: Settings) -> tup
     return seconds, memory
 
 
+def run_in_own_group(cmd: list[str], timeout: float, **popen_kwargs: Any) -> tuple[int, str] | None:
+    """Runs `cmd` in a new session (its own process group) with stdout captured; returns (exit code, stdout), or
+    None on timeout. On timeout, Ctrl-C or any other exception the whole group is killed, so no worker (nor any
+    child of it) outlives the benchmark."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, **popen_kwargs)
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    except BaseException as error:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        if isinstance(error, subprocess.TimeoutExpired):
+            return None
+        raise
+    return proc.returncode, stdout
+
+
 def run_worker(spec: dict[str, Any], threads: int, timeout: float) -> dict[str, Any]:
     """Runs `python -m bench.worker` in a fresh process with pinned threads; returns its result or an error.
     OpenMP's wait policy defaults to PASSIVE (set OMP_WAIT_POLICY to override)."""
@@ -148,15 +168,13 @@ def run_worker(spec: dict[str, Any], threads: int, timeout: float) -> dict[str, 
     with tempfile.TemporaryDirectory(prefix="armt-bench-") as tmp:
         spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
         spec_path.write_text(json.dumps(spec))
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "bench.worker", str(spec_path), str(result_path)],
-                cwd=REPO_ROOT, env=env, timeout=timeout, stdout=subprocess.PIPE, stderr=None, text=True,
-            )
-        except subprocess.TimeoutExpired:
+        cmd = [sys.executable, "-m", "bench.worker", str(spec_path), str(result_path)]
+        done = run_in_own_group(cmd, timeout, cwd=REPO_ROOT, env=env)
+        if done is None:
             return {"error": f"timed out after {timeout:.0f} s"}
-        if proc.returncode != 0 or not result_path.exists():
-            return {"error": f"worker exited with {proc.returncode}: {proc.stdout[-500:]}"}
+        returncode, stdout = done
+        if returncode != 0 or not result_path.exists():
+            return {"error": f"worker exited with {returncode}: {stdout[-500:]}"}
         return json.loads(result_path.read_text())
 
 
@@ -219,7 +237,7 @@ def run(settings: Settings) -> dict[str, Any]:
     data: dict[str, Any] = {"settings": asdict(settings), "machine": machine_info(settings), "matmul": [],
                             "runs": [], "skipped": []}
     matmul_spec = {"task": "matmul", "threads": settings.threads, "device": settings.device, "dtype": settings.dtype,
-                   "repeats": 5 if settings.tiny else 10}
+                   "min_run_time": 0.2 if settings.tiny else 0.5}
     data["matmul"].append(run_worker(matmul_spec, settings.threads, timeout=600.0))
     plan = [(m, n) for m in settings.models for n in sorted(settings.lengths)]
     previous: dict[str, dict[str, Any]] = {}

@@ -15,14 +15,10 @@ import argparse
 import json
 import logging
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
-from .common import EvalError, greedy_generate, load_model, pick_device, pick_dtype, resolve_model
+from .common import EvalError, greedy_generate, resolve_model, run_cli, writable_folder
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +94,11 @@ def memory_capacity(num_pairs: int, num_values: int, accuracy: float) -> float:
     return (num_pairs * num_values * accuracy - num_pairs) / (num_values - 1)
 
 
-@torch.no_grad()
 def evaluate(model, samples: list[ARSample], batch_size: int = 8, sep: int = SEP_TOKEN, gen: int = GEN_TOKEN,
              eos: int = EOS_TOKEN, desc: str = "AR") -> float:
     """Exact-match accuracy of greedy answers (all prompts of a task have one length: batches need no padding)."""
+    from tqdm.auto import tqdm
+
     correct = 0
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
         chunk = samples[start : start + batch_size]
@@ -110,6 +107,15 @@ def evaluate(model, samples: list[ARSample], batch_size: int = 8, sep: int = SEP
         outputs = greedy_generate(model, prompts, value_size, pad_token_id=eos, eos_token_id=None)
         correct += sum(tuple(out[:value_size]) == s.answer for out, s in zip(outputs, chunk))
     return correct / len(samples)
+
+
+def format_table(results: list[dict]) -> str:
+    """One row per task and pair count: exact-match accuracy (%), samples n and the memory-capacity estimate."""
+    from tabulate import tabulate
+
+    rows = [[r["task"], r["pairs"], f"{100 * r['accuracy']:.1f}", r["n"], f"{r['capacity']:.1f}"] for r in results]
+    return tabulate(rows, headers=["task", "pairs", "accuracy, % (exact match)", "n", "capacity (pairs)"],
+                    stralign="right")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--output", help="write the results (a JSON list) to this file")
+    parser.add_argument("--output", help="write the results (a JSON list) to this file (its folder is checked "
+                        "writable first; results are computed afresh on every run, never resumed)")
     return parser
 
 
@@ -141,9 +148,20 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise EvalError(f"--pairs must be comma-separated integers, got {args.pairs!r}.") from None
     if not pairs or min(pairs) < 1 or args.samples < 1 or args.batch_size < 1:
         raise EvalError("--pairs, --samples and --batch-size need values >= 1.")
+    if args.threads is not None and args.threads < 1:
+        raise EvalError(f"--threads must be >= 1, got {args.threads}.")
+    if args.output:
+        if Path(args.output).is_dir():
+            raise EvalError(f"--output {args.output} is a folder; give a file name, e.g. {Path(args.output) / 'ar.json'}.")
+        writable_folder(Path(args.output).parent, "--output folder")
+    model_path = resolve_model(args.model, offline=False)
+
+    import torch
+
+    from .common import load_model, pick_device, pick_dtype
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_path = resolve_model(args.model, offline=False)
     device = pick_device(args.device)
     model = load_model(model_path, device, pick_dtype(args.dtype, device))
     vocab = model.get_input_embeddings().num_embeddings
@@ -168,22 +186,15 @@ def run(args: argparse.Namespace) -> list[dict]:
             results.append({"task": task, "pairs": n, "key_size": args.key_size, "value_size": args.value_size,
                             "accuracy": accuracy, "n": len(samples),
                             "capacity": memory_capacity(n, num_values, accuracy), "model": model_path})
-    print(f"{'task':<9}{'pairs':>7}{'accuracy':>10}{'capacity':>10}")
-    for r in results:
-        print(f"{r['task']:<9}{r['pairs']:>7}{100 * r['accuracy']:>9.1f}%{r['capacity']:>10.1f}")
+    print(format_table(results))
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(build_parser().parse_args(argv))
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

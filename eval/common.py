@@ -1,14 +1,20 @@
-"""What both evaluations share: the default model, Hub reachability, model/tokenizer loading and batched greedy
-generation that streams ARMT prompts of any length through its segment cache."""
+"""What the evaluations share: the default model, Hub reachability, model/tokenizer loading, run fingerprints,
+CLI error handling and batched greedy generation that streams ARMT prompts of any length through its segment cache.
+
+torch and transformers are imported inside the functions that need them, so that every CLI answers `--help` and
+argument errors at once."""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import logging
-import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
+from huggingface_hub import constants as hub_constants
 
 logger = logging.getLogger(__name__)
 
@@ -16,19 +22,47 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "armt-babilong-qa1"  # shipped in the repository (README: "The default model")
 HUB_TIMEOUT_S = 5.0
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+PREFILL_TOKENS = 4096  # tokens per prefill call (rounded to whole segments): the progress bar's step
 
 
 class EvalError(Exception):
     """A problem the user can fix (bad argument, missing model, unreachable Hub); printed without a traceback."""
 
 
-def hub_offline_env() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+def run_cli(run: Callable[[argparse.Namespace], object], args: argparse.Namespace,
+            errors: tuple[type[BaseException], ...] = (EvalError,)) -> None:
+    """Run a parsed command: a user error prints `error: ...` and exits 2; Ctrl-C (also while torch is being
+    imported) exits 130 without a traceback."""
+    try:
+        run(args)
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def writable_folder(path: str | Path, flag: str = "--output") -> Path:
+    """`path` created if needed and checked writable now, before any long work."""
+    folder = Path(path)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise EvalError(f"Cannot write to {flag} {folder}: {blocking} is a file, not a folder. Choose another {flag}.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise EvalError(f"Cannot write to {flag} {folder} ({err.strerror or err}): choose a writable folder.") from None
+    return folder
 
 
 def hub_reachable(repo_id: str, repo_type: str = "dataset", timeout: float = HUB_TIMEOUT_S) -> tuple[bool, str]:
     """Whether `repo_id` answers on the Hub within `timeout` seconds (False at once under HF_HUB_OFFLINE=1)."""
-    if hub_offline_env():
+    if hub_constants.is_offline_mode():
         return False, "HF_HUB_OFFLINE is set"
     from huggingface_hub import HfApi
 
@@ -40,7 +74,8 @@ def hub_reachable(repo_id: str, repo_type: str = "dataset", timeout: float = HUB
 
 
 def resolve_model(model: str | None, offline: bool) -> str:
-    """A local model folder, or a Hub id that is reachable now; EvalError with a way out otherwise."""
+    """A local model folder (with a config.json), or a Hub id that is reachable now; EvalError with a way out
+    otherwise."""
     if model is None:
         if not DEFAULT_MODEL.is_dir():
             raise EvalError(
@@ -49,6 +84,9 @@ def resolve_model(model: str | None, offline: bool) -> str:
             )
         return str(DEFAULT_MODEL)
     if Path(model).is_dir():
+        if not (Path(model) / "config.json").is_file():
+            raise EvalError(f"--model {model!r} is a folder without config.json, so not a model folder: pass a "
+                            "folder written by save_pretrained() (or train.py), or a Hub id.")
         return model
     if Path(model).exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise EvalError(f"--model {model!r} is not a model folder (expected a folder with config.json).")
@@ -64,13 +102,44 @@ def resolve_model(model: str | None, offline: bool) -> str:
     return model
 
 
-def pick_device(device: str | None) -> torch.device:
+def model_fingerprint(path: str) -> dict:
+    """What identifies the weights a result came from: a folder's resolved path, the SHA-256 of its config.json and
+    the size and modification time of each weight file; a Hub id as given."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return {"model": path}
+    weights = {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(folder.iterdir())
+               if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json"))}
+    config = folder / "config.json"
+    return {"model": str(folder.resolve()),
+            "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
+            "weights": weights}
+
+
+def pick_device(device: str | None):
+    """The torch device for --device (auto: CUDA when available, else CPU); EvalError for one this machine lacks."""
+    import torch
+
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise EvalError(f"--device {device!r} is not a device name: use auto, cpu, cuda or cuda:N.") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvalError(f"--device {device}: this machine has no usable CUDA device (torch {torch.__version__}); "
+                            "use --device cpu (or auto).")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise EvalError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here.")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise EvalError(f"--device {device}: MPS is not available here; use --device cpu (or auto).")
+    return chosen
 
 
-def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str | None, device):
+    import torch
+
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
@@ -79,15 +148,21 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
         raise EvalError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}.") from None
 
 
-def load_model(path: str, device: torch.device, dtype: torch.dtype):
-    """Any causal LM (ARMT included) with trust_remote_code, in eval mode on `device`."""
+def load_model(path: str, device, dtype):
+    """Any causal LM (ARMT included) with trust_remote_code, in eval mode on `device`; EvalError when `path`
+    holds no loadable model."""
     from transformers import AutoModelForCausalLM
 
     try:
         import modeling_armt  # noqa: F401  registers ARMT with the Auto classes when the repo is importable
     except ImportError:
         pass
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EvalError(f"Cannot load a causal LM from --model {path!r} ({first}): pass a folder written by "
+                        "save_pretrained() or a Hub id of a causal LM.") from None
     return model.to(device).eval()
 
 
@@ -153,31 +228,50 @@ def batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
     return [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
 
 
-@torch.no_grad()
 def greedy_generate(model, prompts: list[list[int] | np.ndarray], max_new_tokens: int, pad_token_id: int,
-                    eos_token_id: int | None) -> list[list[int]]:
-    """Greedy continuations of left-padded prompts (one batch). ARMT's generate() reads the prompt segment by
-    segment through its cache (each row's segments start at its first real token), so memory does not grow with
-    the prompt length."""
+                    eos_token_id: int | None, progress: str | None = None) -> list[list[int]]:
+    """Greedy continuations of left-padded prompts (one batch), cut at EOS.
+
+    ARMT prompts longer than PREFILL_TOKENS are first streamed through the model's cache in whole-segment chunks,
+    with a tqdm bar in tokens labelled `progress` (None: no bar); generate() then reads the last column and decodes.
+    Each row's segments start at its first real token, so the answers equal those of the one-call prefill, and
+    memory stays flat in the prompt length."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
-    width = max(map(len, prompts))
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.as_tensor(np.asarray(prompt), dtype=torch.long)
-        attention_mask[row, width - len(prompt):] = 1
-    output = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad_token_id,
-        eos_token_id=eos_token_id,
-    )
-    new = output[:, width:].tolist()
+    rows = [torch.as_tensor(np.asarray(prompt), dtype=torch.long) for prompt in prompts]
+    input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_token_id, padding_side="left")
+    attention_mask = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True, padding_value=0,
+                                  padding_side="left")
+    width = input_ids.shape[1]
+    extra = {}
+    with torch.no_grad():
+        if hasattr(model, "new_cache") and width > PREFILL_TOKENS:
+            segment = model.config.segment_size
+            chunk = max(1, PREFILL_TOKENS // segment) * segment
+            cache = model.new_cache(len(rows))
+            with tqdm(total=int(attention_mask[:, : width - 1].sum()), desc=progress, unit="tok", unit_scale=True, leave=False,
+                      disable=progress is None) as bar:
+                for start in range(0, width - 1, chunk):
+                    end = min(start + chunk, width - 1)
+                    model(input_ids[:, start:end].to(device), attention_mask=attention_mask[:, :end].to(device),
+                          cache=cache, logits_to_keep=1)
+                    bar.update(int(attention_mask[:, start:end].sum()))
+            extra["cache"] = cache
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            **extra,
+        )
     result = []
-    for tokens in new:
+    for tokens in output[:, width:].tolist():
         if eos_token_id is not None and eos_token_id in tokens:
             tokens = tokens[: tokens.index(eos_token_id)]
         result.append(tokens)

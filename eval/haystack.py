@@ -260,22 +260,36 @@ def load_haystack(source: str | list[str] | None, tokenizer, online: bool = Fals
     return Haystack.from_files(source, tokenizer)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval.haystack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("fetch-austen", help=f"download Debian's {AUSTEN_DEB} and cache the six novels as text")
     stats = sub.add_parser("stats", help="sentence and token counts of a haystack")
     stats.add_argument("source", nargs="*", default=["austen"], help='text files/folders, or "austen"')
-    args = parser.parse_args(argv)
-    if args.command == "fetch-austen":
-        for path in austen_texts(fetch=True):
-            print(path)
-        return
-    from .tokenizer import gpt2_tokenizer
+    return parser
 
-    haystack = load_haystack(args.source, gpt2_tokenizer())
+
+def run(args: argparse.Namespace) -> None:
+    from .common import EvalError
+
+    try:
+        if args.command == "fetch-austen":
+            for path in austen_texts(fetch=True):
+                print(path)
+            return
+        from .tokenizer import gpt2_tokenizer
+
+        haystack = load_haystack(args.source, gpt2_tokenizer())
+    except (OSError, ValueError, RuntimeError) as err:  # missing files or package, no text, unwritable cache
+        raise EvalError(str(err)) from None
     print(f"{haystack.name}: {len(haystack)} sentences, {haystack.total_tokens} GPT-2 tokens")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .common import run_cli
+
+    run_cli(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

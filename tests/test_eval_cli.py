@@ -58,7 +58,9 @@ def test_offline_run_writes_table_json_predictions_and_heatmap(tiny_model, tmp_p
     assert [(r["task"], r["length"], r["n"]) for r in results] == [("qa1", "0k", 3), ("qa1", "4k", 3)]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["accuracy"] == r["correct"] / r["n"] for r in results)
     for length in ("0k", "4k"):
-        rows = [json.loads(line) for line in (out / "predictions" / f"qa1_{length}.jsonl").read_text().splitlines()]
+        header, *rows = [json.loads(line) for line in (out / "predictions" / f"qa1_{length}.jsonl").read_text()
+                         .splitlines()]
+        assert header["settings"]["task"] == "qa1" and header["settings"]["length"] == length
         assert [r["index"] for r in rows] == [0, 1, 2]
         assert all({"question", "target", "output", "correct"} <= r.keys() for r in rows)
         assert (out / "data" / "qa1" / f"{length}.json").exists()
@@ -67,12 +69,12 @@ def test_offline_run_writes_table_json_predictions_and_heatmap(tiny_model, tmp_p
 
     # A second run finds everything done; a stopped run (predictions cut short) only redoes what is missing.
     predictions = out / "predictions" / "qa1_4k.jsonl"
-    kept = predictions.read_text().splitlines()[:2]
+    kept = predictions.read_text().splitlines()[:3]  # the settings line and two predictions
     predictions.write_text("\n".join(kept) + "\n")
     (out / "results.json").write_text(json.dumps(results[:1]))
     run_cli(*args)
     rows = predictions.read_text().splitlines()
-    assert rows[:2] == kept and len(rows) == 3
+    assert rows[:3] == kept and len(rows) == 4
     assert json.loads((out / "results.json").read_text()) == results
 
 
@@ -86,7 +88,7 @@ def test_generate_only_writes_offline_data(tmp_path, one_thread):
             assert len(records) == 5 and set(records[0]) == {"input", "question", "target"}
 
 
-def test_unreachable_hub_ids_fail_fast_pointing_to_offline(tmp_path, monkeypatch, capsys):
+def test_unreachable_hub_ids_fail_fast_pointing_to_offline(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "HUB_TIMEOUT_S", 5.0)
     start = time.monotonic()
     with pytest.raises(SystemExit):
@@ -94,7 +96,7 @@ def test_unreachable_hub_ids_fail_fast_pointing_to_offline(tmp_path, monkeypatch
                 "--output", tmp_path)
     model_error = capsys.readouterr().err
     with pytest.raises(SystemExit):
-        run_cli("--model", tmp_path, "--dataset", "armt-hf-tests/no-such-dataset-7f3a", "--tasks", "qa1",
+        run_cli("--model", tiny_model, "--dataset", "armt-hf-tests/no-such-dataset-7f3a", "--tasks", "qa1",
                 "--lengths", "0k", "--output", tmp_path / "out")
     data_error = capsys.readouterr().err
     assert time.monotonic() - start < 30
@@ -146,7 +148,7 @@ def test_left_padded_batches_answer_like_single_samples(family, tiny_model, tmp_
         out = tmp_path / f"bs{batch_size}"
         run_cli("--model", model, "--tasks", "qa2", "--lengths", "0k", "--offline", "--samples", 4,
                 "--batch-size", batch_size, "--output", out)
-        lines = (out / "predictions" / "qa2_0k.jsonl").read_text().splitlines()
+        lines = (out / "predictions" / "qa2_0k.jsonl").read_text().splitlines()[1:]  # after the settings line
         outputs[batch_size] = [json.loads(line)["output"] for line in lines]
     inputs = json.loads((tmp_path / "bs4" / "data" / "qa2" / "0k.json").read_text())
     assert len({len(r["input"]) for r in inputs}) > 1  # prompts of different lengths: the batch is padded
@@ -165,3 +167,122 @@ def test_raw_and_instruct_prompts():
     instruct = tokenizer.decode(babilong.encode_prompt(tokenizer, record, "qa1", "instruct", "GEN", True))
     assert instruct.startswith("I will give you context with the facts about positions of different persons")
     assert f"<context>\n{record['input']}\n</context>\n\nQuestion: Where is Mary?" in instruct
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A reused output folder: resume only what the same model, data and settings produced
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """tiny_model's architecture with other random weights."""
+    from configuration_armt import ARMTConfig
+    from modeling_armt import ARMTForCausalLM
+
+    torch.manual_seed(1)
+    backbone = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=50257)
+    model = ARMTForCausalLM(ARMTConfig(base_config=backbone, num_mem_tokens=4, d_mem=8, segment_size=64))
+    folder = tmp_path_factory.mktemp("other-armt")
+    model.save_pretrained(folder)
+    return folder
+
+
+def offline_args(model, out, samples=2, *extra):
+    return ["--model", model, "--tasks", "qa1", "--lengths", "0k", "--offline", "--samples", samples,
+            "--output", out, *extra]
+
+
+def prediction_rows(out, split="qa1_0k"):
+    header, *rows = [json.loads(line) for line in (out / "predictions" / f"{split}.jsonl").read_text().splitlines()]
+    return header, rows
+
+
+def test_another_model_in_the_same_output_is_refused_until_overwrite(tiny_model, other_model, tmp_path, one_thread,
+                                                                      capsys):
+    run_cli(*offline_args(tiny_model, tmp_path / "out"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(*offline_args(other_model, tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert "another run" in err and "model was" in err and str(other_model.resolve()) in err and "--overwrite" in err
+
+    run_cli(*offline_args(other_model, tmp_path / "out", 2, "--overwrite"))
+    run_cli(*offline_args(other_model, tmp_path / "alone"))
+    header, rows = prediction_rows(tmp_path / "out")
+    assert header["settings"]["model"] == str(other_model.resolve())
+    assert rows == prediction_rows(tmp_path / "alone")[1]
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == json.loads(
+        (tmp_path / "alone" / "results.json").read_text().replace(str(tmp_path / "alone"), str(tmp_path / "out")))
+
+
+def test_another_seed_in_the_same_output_is_refused(tiny_model, tmp_path, one_thread, capsys):
+    run_cli(*offline_args(tiny_model, tmp_path, 2, "--seed", "0"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_cli(*offline_args(tiny_model, tmp_path, 2, "--seed", "1"))
+    err = capsys.readouterr().err
+    assert "seed was 0, now 1" in err and "--overwrite" in err
+
+
+def test_more_samples_predicts_the_missing_ones_and_reports_the_new_n(tiny_model, tmp_path, one_thread):
+    run_cli(*offline_args(tiny_model, tmp_path, 2))
+    _, first = prediction_rows(tmp_path)
+    run_cli(*offline_args(tiny_model, tmp_path, 4))
+    _, rows = prediction_rows(tmp_path)
+    assert rows[:2] == first and [r["index"] for r in rows] == [0, 1, 2, 3]
+    (result,) = json.loads((tmp_path / "results.json").read_text())
+    assert result["n"] == 4 and result["correct"] == sum(r["correct"] for r in rows)
+    assert len(json.loads((tmp_path / "data" / "qa1" / "0k.json").read_text())) == 4
+
+
+def test_a_torn_last_line_is_dropped_and_predicted_again(tiny_model, tmp_path, one_thread):
+    run_cli(*offline_args(tiny_model, tmp_path, 3))
+    predictions = tmp_path / "predictions" / "qa1_0k.jsonl"
+    whole = predictions.read_text()
+    predictions.write_text(whole[: whole.rindex('"output"')])  # killed while writing the last row
+    run_cli(*offline_args(tiny_model, tmp_path, 3))
+    assert predictions.read_text() == whole
+
+
+def test_chunked_prefill_gives_the_predictions_of_a_one_call_prefill(tiny_model, tmp_path, one_thread,
+                                                                      monkeypatch, capsys):
+    hay = write_haystack(tmp_path / "hay.txt")
+    args = ["--model", tiny_model, "--tasks", "qa1", "--lengths", "2k", "--offline", "--samples", 3, "--haystack",
+            hay, "--batch-size", 2]
+    run_cli(*args, "--output", tmp_path / "whole")
+    assert "prefill" not in capsys.readouterr().err  # 2k tokens: below common.PREFILL_TOKENS, one call
+    monkeypatch.setattr(common, "PREFILL_TOKENS", 64)  # one segment per call
+    run_cli(*args, "--output", tmp_path / "chunked")
+    assert "qa1 2k prefill" in capsys.readouterr().err
+    assert prediction_rows(tmp_path / "chunked", "qa1_2k")[1] == prediction_rows(tmp_path / "whole", "qa1_2k")[1]
+
+
+def test_prefill_progress_advances_by_tokens_within_a_single_sample(tiny_model, one_thread, monkeypatch):
+    import tqdm.auto
+    from transformers import AutoModelForCausalLM
+
+    bars = []
+
+    class Recorded(tqdm.auto.tqdm):
+        def update(self, n=1):
+            bars.append((self.desc, self.total, n))
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, trust_remote_code=True).eval()
+    monkeypatch.setattr(common, "PREFILL_TOKENS", 128)  # two 64-token segments per call
+    common.greedy_generate(model, [list(range(1, 301))], 2, 0, None, progress="one sample")
+    # all tokens but the last, which generate() reads itself
+    assert bars == [("one sample", 299, 128), ("one sample", 299, 128), ("one sample", 299, 43)]
+
+
+def test_results_table_names_its_unit_and_n_per_cell():
+    table = babilong.format_table([
+        {"task": "qa1", "length": "0k", "accuracy": 0.5, "n": 4},
+        {"task": "qa1", "length": "1M", "accuracy": 0.2, "n": 5},
+        {"task": "qa2", "length": "0k", "accuracy": 1.0, "n": 4},
+    ])
+    assert table.splitlines()[0].startswith("accuracy, % (exact match")
+    assert "50.0 (n=4)" in table and "20.0 (n=5)" in table and "100.0 (n=4)" in table
+    assert table.splitlines()[-1].split()[-1] == "-"  # qa2 at 1M was not run

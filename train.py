@@ -30,21 +30,33 @@ import math
 import os
 import random
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from itertools import islice
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import Dataset, SequentialSampler
-from transformers import AutoConfig, EvalPrediction, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+try:  # Ctrl-C while torch and transformers load: exit 130 without a traceback
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import Dataset, SequentialSampler
+    from transformers import (
+        AutoConfig,
+        DataCollatorForSeq2Seq,
+        EvalPrediction,
+        HfArgumentParser,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+        set_seed,
+    )
+    from transformers.trainer_utils import get_last_checkpoint
 
-from configuration_armt import ARMTConfig
-from modeling_armt import ARMTCache, ARMTForCausalLM
+    from configuration_armt import ARMTConfig
+    from modeling_armt import ARMTCache, ARMTForCausalLM
+except KeyboardInterrupt:
+    raise SystemExit(130) from None
 
 logger = logging.getLogger("train")
 
@@ -277,23 +289,6 @@ class FixedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         return self.task.sample(random.Random(f"eval-{self.seed}-{index}"), self.length)
-
-
-def collate(batch: Sequence[dict[str, list[int]]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Stack equal-length samples; samples of different lengths are right-padded (with an attention mask)."""
-    width = max(len(b["input_ids"]) for b in batch)
-    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, b in enumerate(batch):
-        n = len(b["input_ids"])
-        input_ids[row, :n] = torch.tensor(b["input_ids"])
-        labels[row, :n] = torch.tensor(b["labels"])
-        mask[row, :n] = 1
-    out = {"input_ids": input_ids, "labels": labels}
-    if not bool(mask.all()):
-        out["attention_mask"] = mask
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -540,10 +535,12 @@ def load_tokenizer(name: str):
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.eos_token_id is None:
         raise TrainError(f"The tokenizer {name!r} has no EOS token, which ends every answer.")
+    if tokenizer.pad_token is None:  # stage-0 batches are right-padded; the padding is masked out
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def build_task(args: argparse.Namespace):
+def build_task(args: argparse.Namespace, seed: int):
     """(task, tokenizer or None, vocabulary size the data needs, EOS id)."""
     if args.task == "ar":
         from eval.associative_retrieval import EOS_TOKEN, GEN_TOKEN, segment_size
@@ -552,12 +549,12 @@ def build_task(args: argparse.Namespace):
         if args.segment_size != pair:
             logger.warning("--segment-size %d: one key-value pair per segment needs %d.", args.segment_size, pair)
         task = AssociativeRetrievalTask(args.ar_task == "rewrite", args.key_size, args.value_size, args.num_symbols,
-                                        args.seed)
+                                        seed)
         return task, None, max(GEN_TOKEN, EOS_TOKEN, args.num_symbols - 1) + 1, EOS_TOKEN
     tokenizer = load_tokenizer(args.tokenizer)
     sources = args.haystack or ["austen"]
     if sources == ["synthetic"]:
-        haystack = synthetic_haystack(tokenizer, seed=args.seed)
+        haystack = synthetic_haystack(tokenizer, seed=seed)
     else:
         from eval.haystack import load_haystack
 
@@ -568,102 +565,105 @@ def build_task(args: argparse.Namespace):
             raise TrainError(f"--haystack {' '.join(sources)}: {err}") from err
     try:
         task = BabilongTask(args.babilong_task, tokenizer, haystack, args.segment_size, args.separator,
-                            args.babi_dir, args.seed, args.context_questions, args.answer_prefix)
+                            args.babi_dir, seed, args.context_questions, args.answer_prefix)
     except (ValueError, FileNotFoundError) as err:
         raise TrainError(str(err)) from err
     return task, tokenizer, len(tokenizer), tokenizer.eos_token_id
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = p.add_argument_group("data")
-    data.add_argument("--task", choices=("babilong", "ar"), default="babilong",
-                      help="babilong: bAbI facts in background text; ar: associative retrieval (default babilong)")
-    data.add_argument("--babilong-task", default="qa1", help="bAbI task of the offline generator, qa1..qa5 "
-                      "(default qa1)")
-    data.add_argument("--haystack", nargs="+", metavar="SOURCE",
-                      help='background text: text files / folders, "austen" (default; Debian r-cran-janeaustenr, '
-                      'see python -m eval.haystack fetch-austen), "pg19" (Hub) or "synthetic" (built-in, for tests)')
-    data.add_argument("--babi-dir", help="real bAbI v1.2 files (qa{N}_*_test.txt) instead of generated stories")
-    data.add_argument("--context-questions", action="store_true",
-                      help="BABILong training samples also ask the story's earlier questions inside the input, each "
-                      "right after its last fact and followed by its answer (supervised, no EOS): several answers "
-                      "per sample instead of one; evaluation samples stay plain")
-    data.add_argument("--answer-prefix", default="", metavar="TEXT",
-                      help='text the answer starts with (default none, the authors\' "GENbathroom"); " " makes the '
-                      "answer the very token the facts use for the place (\" bathroom\"), so answering is copying; "
-                      "BABILong's scoring strips it")
-    data.add_argument("--separator", default="GEN", help="text between question and answer (default GEN, as eval)")
-    data.add_argument("--tokenizer", default="gpt2", help='"gpt2" (offline GPT-2 BPE, default) or a tokenizer '
-                      "folder / Hub id")
-    data.add_argument("--ar-task", choices=("remember", "rewrite"), default="remember")
-    data.add_argument("--key-size", type=int, default=1, help="AR symbols per key (default 1)")
-    data.add_argument("--value-size", type=int, default=1, help="AR symbols per value (default 1)")
-    data.add_argument("--num-symbols", type=int, default=16, help="AR alphabet size (default 16)")
+@dataclass
+class ARMTArguments:
+    """train.py's own options (data, curriculum, model); every `TrainingArguments` option is accepted beside them."""
 
-    cur = p.add_argument_group("curriculum")
-    cur.add_argument("--curriculum", default=DEFAULT_CURRICULUM,
-                     help=f"increasing stage maxima of segments per sample (AR: pairs) (default {DEFAULT_CURRICULUM})")
-    cur.add_argument("--stage-steps", type=int, help="optimizer steps per stage (default: --max-steps split evenly)")
-    cur.add_argument("--segment-sampling", choices=("uniform", "max"), default="uniform",
-                     help="per step: uniform in 1..stage max (default), or the stage max")
-
-    model = p.add_argument_group("model")
-    model.add_argument("--init-from", metavar="PATH", help="start from an ARMT folder, or wrap a backbone (folder or "
-                       "Hub id) in a fresh ARMT; default: a new model from scratch")
-    model.add_argument("--no-memory", action="store_true",
-                       help="ablation: W_v is zero and frozen, so memory reads always return 0 and nothing passes "
-                       "between segments (the memory tokens stay in every segment)")
-    model.add_argument("--backbone", choices=("gpt2", "llama"), help="from-scratch backbone family (default gpt2)")
-    model.add_argument("--hidden-size", type=int, help=f"default {MODEL_DEFAULTS['hidden_size']}")
-    model.add_argument("--layers", type=int, help=f"default {MODEL_DEFAULTS['layers']}")
-    model.add_argument("--heads", type=int, help=f"default {MODEL_DEFAULTS['heads']}")
-    model.add_argument("--kv-heads", type=int, help="llama key/value heads (default: --heads)")
-    model.add_argument("--intermediate-size", type=int, help="MLP width (default 4 x hidden)")
-    model.add_argument("--vocab-size", type=int, help="from-scratch vocabulary (default: the tokenizer's, 50257 for "
-                       "GPT-2; AR: 103)")
-    model.add_argument("--dropout", type=float, help="backbone dropout (default 0)")
-    model.add_argument("--segment-size", type=int,
-                       help=f"tokens per segment (default {MODEL_DEFAULTS['segment_size']}; AR: one pair)")
-    model.add_argument("--num-mem-tokens", type=int, help=f"default {MODEL_DEFAULTS['num_mem_tokens']}")
-    model.add_argument("--d-mem", type=int, help=f"default {MODEL_DEFAULTS['d_mem']}")
-
-    train = p.add_argument_group("training")
-    train.add_argument("--output-dir", required=True, help="checkpoints, logs and the final model")
-    train.add_argument("--final-dir", help="where the final model (and tokenizer) goes (default: --output-dir)")
-    train.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                       help="continue from CHECKPOINT, or (no value) from the latest one in --output-dir if any")
-    train.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    train.add_argument("--batch-size", type=int, default=8, help="samples per device per micro-batch (default 8)")
-    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    train.add_argument("--learning-rate", type=float, default=3e-4)
-    train.add_argument("--weight-decay", type=float, default=0.01)
-    train.add_argument("--warmup-steps", type=int, default=0)
-    train.add_argument("--lr-scheduler", default="linear", help="Trainer lr_scheduler_type (default linear)")
-    train.add_argument("--max-grad-norm", type=float, default=1.0)
-    train.add_argument("--bptt-depth", type=int, metavar="K",
-                       help="truncated backprop: gradients through groups of K segments (default: all segments)")
-    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute segments in the backward")
-    train.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
-    train.add_argument("--seed", type=int, default=0, help="model init and data (default 0)")
-    train.add_argument("--logging-steps", type=int, default=10)
-    train.add_argument("--save-steps", type=int, default=500)
-    train.add_argument("--save-total-limit", type=int, default=3)
-    train.add_argument("--eval-steps", type=int, default=500, help="evaluate every N steps; 0: never (default 500)")
-    train.add_argument("--eval-samples", type=int, default=64, help="evaluation samples (default 64)")
-    train.add_argument("--eval-segments", type=int, help="segments per evaluation sample (default: curriculum max)")
-    train.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
-    train.add_argument("--dataloader-workers", type=int, default=0)
-    train.add_argument("--threads", type=int, help="CPU threads for torch")
-    train.add_argument("--report-to", default="none", help='Trainer report_to, e.g. "tensorboard" (default none)')
-    train.add_argument("--push-to-hub", metavar="REPO_ID", help="push checkpoints and the final model to this repo")
-    train.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
-    return p
+    task: str = field(default="babilong", metadata={
+        "choices": ("babilong", "ar"),
+        "help": "babilong: bAbI facts in background text; ar: associative retrieval (default babilong)"})
+    babilong_task: str = field(default="qa1", metadata={"help": "bAbI task of the offline generator, qa1..qa5"})
+    haystack: list[str] | None = field(default=None, metadata={
+        "help": 'background text: text files / folders, "austen" (default; Debian r-cran-janeaustenr, see python -m '
+        'eval.haystack fetch-austen), "pg19" (Hub) or "synthetic" (built-in, for tests)'})
+    babi_dir: str | None = field(default=None, metadata={
+        "help": "real bAbI v1.2 files (qa{N}_*_test.txt) instead of generated stories"})
+    context_questions: bool = field(default=False, metadata={
+        "help": "BABILong training samples also ask the story's earlier questions inside the input, each right after "
+        "its last fact and followed by its answer (supervised, no EOS); evaluation samples stay plain"})
+    answer_prefix: str = field(default="", metadata={
+        "help": 'text the answer starts with (default none, the authors\' "GENbathroom"); " " makes the answer the '
+        "very token the facts use for the place; BABILong's scoring strips it"})
+    separator: str = field(default="GEN", metadata={"help": "text between question and answer (default GEN, as eval)"})
+    tokenizer: str = field(default="gpt2", metadata={
+        "help": '"gpt2" (offline GPT-2 BPE, default) or a tokenizer folder / Hub id'})
+    ar_task: str = field(default="remember", metadata={"choices": ("remember", "rewrite"), "help": "AR task"})
+    key_size: int = field(default=1, metadata={"help": "AR symbols per key"})
+    value_size: int = field(default=1, metadata={"help": "AR symbols per value"})
+    num_symbols: int = field(default=16, metadata={"help": "AR alphabet size"})
+    curriculum: str = field(default=DEFAULT_CURRICULUM, metadata={
+        "help": "increasing stage maxima of segments per sample (AR: pairs); a first stage of 0: the stories alone"})
+    stage_steps: int | None = field(default=None, metadata={
+        "help": "optimizer steps per stage (default: --max-steps split evenly)"})
+    segment_sampling: str = field(default="uniform", metadata={
+        "choices": ("uniform", "max"), "help": "per step: uniform in 1..stage max (default), or the stage max"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from an ARMT folder, or wrap a backbone (folder or Hub id) in a fresh ARMT; default: a new "
+        "model from scratch"})
+    no_memory: bool = field(default=False, metadata={
+        "help": "ablation: W_v is zero and frozen, so memory reads return 0 and nothing passes between segments"})
+    backbone: str | None = field(default=None, metadata={
+        "choices": ("gpt2", "llama"), "help": "from-scratch backbone family (default gpt2)"})
+    hidden_size: int | None = field(default=None, metadata={"help": "default 256"})
+    layers: int | None = field(default=None, metadata={"help": "default 4"})
+    heads: int | None = field(default=None, metadata={"help": "default 4"})
+    kv_heads: int | None = field(default=None, metadata={"help": "llama key/value heads (default: --heads)"})
+    intermediate_size: int | None = field(default=None, metadata={"help": "MLP width (default 4 x hidden)"})
+    vocab_size: int | None = field(default=None, metadata={
+        "help": "from-scratch vocabulary (default: the tokenizer's, 50257 for GPT-2; AR: 103)"})
+    dropout: float | None = field(default=None, metadata={"help": "backbone dropout (default 0)"})
+    segment_size: int | None = field(default=None, metadata={"help": "tokens per segment (default 512; AR: one pair)"})
+    num_mem_tokens: int | None = field(default=None, metadata={"help": "default 16"})
+    d_mem: int | None = field(default=None, metadata={"help": "default 64"})
+    final_dir: str | None = field(default=None, metadata={
+        "help": "where the final model (and tokenizer) goes (default: --output-dir)"})
+    resume: str | None = field(default=None, metadata={
+        "nargs": "?", "const": "latest", "metavar": "CHECKPOINT",
+        "help": "continue from CHECKPOINT, or (no value) from the latest one in --output-dir if any"})
+    bptt_depth: int | None = field(default=None, metadata={
+        "metavar": "K", "help": "truncated backprop: gradients through groups of K segments (default: all)"})
+    eval_samples: int = field(default=64, metadata={"help": "evaluation samples (default 64)"})
+    eval_segments: int | None = field(default=None, metadata={
+        "help": "segments per evaluation sample (default: the curriculum's maximum)"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch"})
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+# train.py's defaults where they differ from TrainingArguments'; --eval-steps 0 means no evaluation
+TRAINING_DEFAULTS = dict(max_steps=1000, learning_rate=3e-4, weight_decay=0.01, logging_steps=10, save_steps=500,
+                         save_total_limit=3, eval_strategy="steps", eval_steps=500, per_device_eval_batch_size=None,
+                         seed=0, report_to="none", remove_unused_columns=False, ddp_find_unused_parameters=True)
+# flags of earlier versions -> TrainingArguments' names
+OLD_FLAGS = {"--batch-size": "--per_device_train_batch_size", "--eval-batch-size": "--per_device_eval_batch_size",
+             "--lr-scheduler": "--lr_scheduler_type", "--dataloader-workers": "--dataloader_num_workers",
+             "--gradient-checkpointing": "--activation_checkpointing", "--hub-private": "--hub_private_repo"}
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser((ARMTArguments, TrainingArguments), prog="train.py", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainingArguments]:
+    """train.py's options (a namespace) and the Trainer's `TrainingArguments`; TrainError for values that cannot
+    work."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = [OLD_FLAGS.get(a.split("=", 1)[0], a.split("=", 1)[0]) + a[len(a.split("=", 1)[0]):] for a in argv]
+    namespace = build_parser().parse_args(argv)
+    bad = [k for k, v in vars(namespace).items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise TrainError(f"--{bad[0].replace('_', '-')} must be a finite number, got {getattr(namespace, bad[0])}.")
+    if namespace.output_dir is None:
+        raise TrainError("--output-dir is required: checkpoints, logs and the final model go there.")
+    own = {f.name for f in fields(ARMTArguments)}
+    args = argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k in own})
     for name, default in MODEL_DEFAULTS.items():
         setattr(args, f"{name}_given", getattr(args, name) is not None)
         if getattr(args, name) is None:
@@ -672,19 +672,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         from eval.associative_retrieval import segment_size
 
         args.segment_size = segment_size(args.key_size, args.value_size)
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
-                 "eval_samples", "segment_size", "num_mem_tokens", "d_mem", "layers", "heads", "hidden_size"):
+    for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
+                 "save_steps"):
+        if getattr(namespace, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(namespace, name)}.")
+    for name in ("eval_samples", "segment_size", "num_mem_tokens", "d_mem", "layers", "heads", "hidden_size"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     if args.bptt_depth is not None and args.bptt_depth < 1:
         raise TrainError(f"--bptt-depth must be >= 1, got {args.bptt_depth}.")
-    if args.eval_steps < 0:
+    if namespace.learning_rate < 0:
+        raise TrainError(f"--learning-rate must be >= 0, got {namespace.learning_rate}.")
+    if namespace.eval_steps is not None and namespace.eval_steps < 0:
         raise TrainError("--eval-steps must be >= 0.")
-    return args
+
+    training = {k: v for k, v in vars(namespace).items() if k not in own}
+    if not training["eval_steps"]:
+        training["eval_strategy"], training["eval_steps"] = "no", None
+    if training["per_device_eval_batch_size"] is None:
+        training["per_device_eval_batch_size"] = training["per_device_train_batch_size"]
+    if training["data_seed"] is None:
+        training["data_seed"] = training["seed"]
+    if not torch.cuda.is_available():
+        training["dataloader_pin_memory"] = False
+    # `accelerate launch --multi_gpu` / torchrun on a machine without an accelerator: processes on CPU, gloo
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        training["use_cpu"] = True
+    try:
+        training_args = TrainingArguments(**training)
+    except ValueError as err:
+        raise TrainError(str(err)) from None
+    return args, training_args
 
 
-def resume_checkpoint(args: argparse.Namespace) -> str | None:
-    output = Path(args.output_dir)
+def resume_checkpoint(args: argparse.Namespace, output_dir: str) -> str | None:
+    output = Path(output_dir)
     last = get_last_checkpoint(str(output)) if output.is_dir() else None
     if args.resume is None:
         if last is not None:
@@ -700,62 +722,58 @@ def resume_checkpoint(args: argparse.Namespace) -> str | None:
     return args.resume
 
 
-def run(args: argparse.Namespace, callbacks: list | None = None) -> ARMTTrainer:
+def writable_output(path: str) -> None:
+    """Fail now, not after the first checkpoint interval, when --output-dir cannot be written."""
+    folder = Path(path)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise TrainError(f"Cannot write to --output-dir {folder}: {blocking} is a file, not a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".write-test").write_bytes(b"")
+        (folder / ".write-test").unlink()
+    except OSError as err:
+        raise TrainError(f"Cannot write to --output-dir {folder} ({err.strerror or err}).") from None
+
+
+def data_collator(tokenizer):
+    """Samples of one step share their length, and the library's collators stack them; stage-0 BABILong samples
+    (stories of their own lengths) are right-padded by `DataCollatorForSeq2Seq` (labels with -100). Associative
+    retrieval has no tokenizer and never needs padding."""
+    if tokenizer is None:
+        return default_data_collator
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+
+
+def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: list | None = None) -> ARMTTrainer:
     """Build data, model and Trainer from parsed arguments, train, save the final model; returns the Trainer."""
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise TrainError(f"--threads must be >= 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
-    checkpoint = resume_checkpoint(args)
-    task, tokenizer, data_vocab, eos = build_task(args)
+    writable_output(training_args.output_dir)
+    checkpoint = resume_checkpoint(args, training_args.output_dir)
+    seed = training_args.seed
+    task, tokenizer, data_vocab, eos = build_task(args, seed)
     vocab_size = args.vocab_size or data_vocab
     if vocab_size < data_vocab:
         raise TrainError(f"--vocab-size {vocab_size} is below the {data_vocab} token ids the data uses.")
     stages = parse_curriculum(args.curriculum)
     if stages[0] == 0 and args.task != "babilong":
         raise TrainError("A curriculum stage of 0 segments (the stories alone) is for --task babilong.")
-    # `accelerate launch --multi_gpu` / torchrun on a machine without an accelerator: processes on CPU, gloo
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        use_cpu=multi_cpu,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        lr_scheduler_type=args.lr_scheduler,
-        max_grad_norm=args.max_grad_norm,
-        activation_checkpointing=args.gradient_checkpointing,
-        bf16=args.bf16,
-        seed=args.seed,
-        data_seed=args.seed,
-        logging_steps=args.logging_steps,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        eval_strategy="steps" if args.eval_steps else "no",
-        eval_steps=args.eval_steps or None,
-        dataloader_num_workers=args.dataloader_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        remove_unused_columns=False,
-        ddp_find_unused_parameters=True,  # the first segment reads no memory; a partial last one writes none
-        report_to=args.report_to,
-        push_to_hub=bool(args.push_to_hub),
-        hub_model_id=args.push_to_hub,
-        hub_private_repo=args.hub_private or None,
-    )
-    stage_steps = args.stage_steps or max(1, math.ceil(args.max_steps / len(stages)))
-    curriculum = Curriculum(stages, stage_steps, args.segment_sampling, args.seed)
-    global_batch = args.batch_size * training_args.world_size * args.gradient_accumulation_steps
-    train_data = CurriculumDataset(task, curriculum, args.max_steps, global_batch, args.seed)
+    max_steps = training_args.max_steps
+    stage_steps = args.stage_steps or max(1, math.ceil(max_steps / len(stages)))
+    curriculum = Curriculum(stages, stage_steps, args.segment_sampling, seed)
+    global_batch = (training_args.per_device_train_batch_size * training_args.world_size
+                    * training_args.gradient_accumulation_steps)
+    train_data = CurriculumDataset(task, curriculum, max_steps, global_batch, seed)
     eval_data = None
-    if args.eval_steps:
+    if training_args.eval_strategy != "no":
         plain = copy.copy(task)
         plain.context_questions = False
-        eval_data = FixedDataset(plain, args.eval_segments or stages[-1], args.eval_samples, args.seed)
+        eval_data = FixedDataset(plain, args.eval_segments or stages[-1], args.eval_samples, seed)
 
-    set_seed(args.seed)
+    set_seed(seed)
     model = build_model(args, vocab_size, eos)
     if args.no_memory:
         for layer in model.memory_layers:
@@ -763,13 +781,12 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> ARMTTrainer:
             layer.v_proj.weight.requires_grad_(False)
     if args.bptt_depth is not None and args.bptt_depth >= stages[-1]:
         logger.info("--bptt-depth %d covers every curriculum length: full backprop.", args.bptt_depth)
-    pad = eos if eos is not None else 0
     trainer = ARMTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_data,
         eval_dataset=eval_data,
-        data_collator=lambda batch: collate(batch, pad),
+        data_collator=data_collator(tokenizer),
         processing_class=tokenizer,
         compute_metrics=answer_accuracy if eval_data is not None else None,
         callbacks=callbacks,
@@ -777,23 +794,26 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> ARMTTrainer:
         curriculum=curriculum,
     )
     if trainer.is_world_process_zero():
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         settings = {k: v for k, v in vars(args).items() if not k.endswith("_given")}
-        (Path(args.output_dir) / "train_args.json").write_text(json.dumps(settings, indent=2) + "\n")
+        settings["training"] = training_args.to_dict()
+        (Path(training_args.output_dir) / "train_args.json").write_text(json.dumps(settings, indent=2) + "\n")
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(args.final_dir or args.output_dir)
-    if args.push_to_hub:
+    trainer.save_model(args.final_dir or training_args.output_dir)
+    if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="ARMT training: final model")
     return trainer
 
 
-def main(argv: list[str] | None = None) -> ARMTTrainer:
+def main(argv: list[str] | None = None) -> ARMTTrainer | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return run(parse_args(argv))
+        return run(*parse_args(argv))
     except TrainError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

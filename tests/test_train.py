@@ -28,7 +28,7 @@ def one_thread():
 
 
 def run(argv: list[str]) -> train.ARMTTrainer:
-    return train.run(train.parse_args(argv))
+    return train.run(*train.parse_args(argv))
 
 
 def losses(trainer: train.ARMTTrainer) -> dict[int, float]:
@@ -296,8 +296,14 @@ def test_a_first_stage_of_zero_segments_gives_the_stories_alone():
     text = tokenizer.decode(sample["input_ids"])
     sentences = text.split("Where is")[0].split(". ")
     assert all(re.fullmatch(r"(Mary|John|Daniel|Sandra) [a-z ]+ to the [a-z]+\.?", s) for s in sentences), text
-    batch = train.collate([sample, task.sample(random.Random(1), 0)])
-    assert "attention_mask" in batch or batch["input_ids"].shape[1] == len(sample["input_ids"])
+    other = task.sample(random.Random(1), 0)
+    batch = train.data_collator(tokenizer)([sample, other])
+    width = max(len(sample["input_ids"]), len(other["input_ids"]))
+    assert len(sample["input_ids"]) != len(other["input_ids"]) and batch["input_ids"].shape == (2, width)
+    short = min((sample, other), key=lambda s: len(s["input_ids"]))
+    row = 0 if short is sample else 1
+    assert batch["attention_mask"][row].tolist() == [1] * len(short["input_ids"]) + [0] * (width - len(short["input_ids"]))
+    assert batch["labels"][row, len(short["labels"]):].eq(-100).all()
     for bad in ("1,0", "0", "0,0,1", "-1,2"):
         with pytest.raises(train.TrainError, match="curriculum"):
             train.parse_curriculum(bad)

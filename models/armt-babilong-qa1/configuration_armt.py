@@ -1,11 +1,18 @@
 """ARMT model configuration."""
 
+import math
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 # Backbone families whose positions come from a learned table, and that table's size field.
 LEARNED_POSITION_FIELDS = {"gpt2": "n_positions"}
+MEMORY_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class ARMTConfig(PreTrainedConfig):
@@ -31,7 +38,22 @@ class ARMTConfig(PreTrainedConfig):
             Give memory tokens M extra learned position rows instead of the positions after the segment.
             Only for backbones with a learned position table (GPT-2).
         memory_eps (`float`, defaults to 1e-5):
-            The epsilon of the read and write denominators.
+            The epsilon of the read and write denominators (k . z + eps). Must be finite and > 0.
+        correction_eps (`float`, *optional*):
+            The epsilon added to |k|^2 in the correction gamma = clip(1 - (k . z + memory_eps) / (|k|^2 +
+            correction_eps), 0, 1). `None` (the 2024 reference) uses `memory_eps`; the authors' current code uses 0.
+        normalize_features (`bool`, defaults to `False`):
+            L2-normalise the DPFP features of queries and keys, phi(x) / |phi(x)| (the authors' current code).
+        use_denominator (`bool`, defaults to `True`):
+            Keep the normaliser z and divide reads by phi(q) . z + eps. With `False` a read is phi(q) A, the
+            correction does not apply, and no z is kept.
+        layers_with_memory (`list[int]`, *optional*):
+            Indices of the backbone layers that carry a memory (read, write, W_q/W_k/W_v/W_b); the others run as
+            stock layers on the same segments. `None`: every layer. `memory_layers[i]` and the cache's layer `i`
+            belong to backbone layer `layers_with_memory[i]`.
+        memory_dtype (`str`, defaults to `"float32"`):
+            dtype of A and z and of the memory arithmetic (`"float32"`, `"bfloat16"` or `"float16"`), whatever the
+            backbone's dtype.
     """
 
     model_type = "armt"
@@ -45,6 +67,11 @@ class ARMTConfig(PreTrainedConfig):
     correction: bool = True
     wrap_pos: bool = False
     memory_eps: float = 1e-5
+    correction_eps: float | None = None
+    normalize_features: bool = False
+    use_denominator: bool = True
+    layers_with_memory: list[int] | None = None
+    memory_dtype: str = "float32"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -58,8 +85,19 @@ class ARMTConfig(PreTrainedConfig):
                 raise ValueError(f"ARMTConfig.{name} must be an integer >= 1, got {value!r}.")
         if self.dpfp_nu >= 2 * self.d_mem:
             raise ValueError(f"ARMTConfig.dpfp_nu must be < 2 * d_mem = {2 * self.d_mem}, got {self.dpfp_nu}.")
-        if not self.memory_eps > 0:
-            raise ValueError(f"ARMTConfig.memory_eps must be > 0, got {self.memory_eps!r}.")
+        for name in ("correction", "wrap_pos", "normalize_features", "use_denominator"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ARMTConfig.{name} must be true or false, got {getattr(self, name)!r}.")
+        if not (_is_number(self.memory_eps) and 0 < self.memory_eps < math.inf):
+            raise ValueError(f"ARMTConfig.memory_eps must be a finite number > 0, got {self.memory_eps!r}.")
+        if self.correction_eps is not None and not (_is_number(self.correction_eps) and 0 <= self.correction_eps < math.inf):
+            raise ValueError(
+                f"ARMTConfig.correction_eps must be a finite number >= 0 or None, got {self.correction_eps!r}."
+            )
+        if self.memory_dtype not in MEMORY_DTYPES:
+            raise ValueError(
+                f"ARMTConfig.memory_dtype must be one of {', '.join(MEMORY_DTYPES)}, got {self.memory_dtype!r}."
+            )
         base = self.base_config
         if base.model_type == "armt":
             raise ValueError("ARMTConfig.base_config must be a backbone config, not another ARMT config.")
@@ -68,6 +106,20 @@ class ARMTConfig(PreTrainedConfig):
                 f"ARMTConfig.base_config must be a decoder-only causal LM config; model_type "
                 f"{base.model_type!r} is not (allowed: any type with an AutoModelForCausalLM class, not encoder-decoder)."
             )
+        layers = self.layers_with_memory
+        if layers is not None:
+            num_layers = base.num_hidden_layers
+            if (
+                not isinstance(layers, list | tuple)
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+                or list(layers) != sorted(set(layers))
+                or not all(0 <= i < num_layers for i in layers)
+            ):
+                raise ValueError(
+                    f"ARMTConfig.layers_with_memory must be a sorted list of distinct layer indices in "
+                    f"[0, {num_layers}) (None: every layer), got {layers!r}."
+                )
+            self.layers_with_memory = list(layers)
         table_field = LEARNED_POSITION_FIELDS.get(base.model_type)
         if self.wrap_pos and table_field is None:
             raise ValueError(
@@ -88,6 +140,18 @@ class ARMTConfig(PreTrainedConfig):
     def d_key(self) -> int:
         """Size of the DPFP keys: 2 * nu * d_mem."""
         return 2 * self.dpfp_nu * self.d_mem
+
+    @property
+    def memory_layer_indices(self) -> list[int]:
+        """The backbone layers that carry a memory, in order (all of them unless `layers_with_memory` says)."""
+        if self.layers_with_memory is None:
+            return list(range(self.num_hidden_layers))
+        return list(self.layers_with_memory)
+
+    @property
+    def gamma_eps(self) -> float:
+        """The epsilon added to |k|^2 in the correction's denominator."""
+        return self.memory_eps if self.correction_eps is None else self.correction_eps
 
     @property
     def vocab_size(self) -> int:

@@ -57,61 +57,77 @@ class ARMTMemoryLayer(nn.Module):
         d_model = config.hidden_size
         self.nu = config.dpfp_nu
         self.eps = config.memory_eps
+        self.gamma_eps = config.gamma_eps
         self.correction = config.correction
+        self.normalize_features = config.normalize_features
+        self.use_denominator = config.use_denominator
+        self.memory_dtype = getattr(torch, config.memory_dtype)
         self.q_proj = nn.Linear(d_model, config.d_mem, bias=False)  # W_q
         self.k_proj = nn.Linear(d_model, config.d_mem, bias=False)  # W_k
         self.v_proj = nn.Linear(d_model, d_model, bias=False)  # W_v, zero-initialised
         self.b_proj = nn.Linear(d_model, 1, bias=True)  # W_b, the write strength beta
 
-    def read(self, hidden_states: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """y = phi(W_q h) A / (phi(W_q h) . z + eps), in float32; returns h + y in h's dtype."""
-        q = dpfp(self.q_proj(hidden_states).float(), self.nu)  # (B, T, d_key)
-        q = q / (q @ z.unsqueeze(-1)).add_(self.eps)  # the normaliser scales q's rows: d_key columns, not d_model
-        if hidden_states.dtype == torch.float32:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """phi(x) = DPFP(x) in the memory dtype, L2-normalised when the config says so."""
+        phi = dpfp(x.to(self.memory_dtype), self.nu)
+        return F.normalize(phi, dim=-1) if self.normalize_features else phi
+
+    def read(self, hidden_states: torch.Tensor, A: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """y = phi(W_q h) A / (phi(W_q h) . z + eps) (no division without a denominator); returns h + y in h's
+        dtype."""
+        q = self.features(self.q_proj(hidden_states))  # (B, T, d_key)
+        if z is not None:
+            q = q / (q @ z.unsqueeze(-1)).add_(self.eps)  # the normaliser scales q's rows: d_key columns, not d_model
+        if hidden_states.dtype == A.dtype:
             return torch.baddbmm(hidden_states, q, A)
         return hidden_states + torch.bmm(q, A).to(hidden_states.dtype)
 
     def write(
-        self, memory_states: torch.Tensor, A: torch.Tensor, z: torch.Tensor, written: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, memory_states: torch.Tensor, A: torch.Tensor, z: torch.Tensor | None, written: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Delta-rule update of (A, z) from the memory tokens' layer outputs (B, M, d_model).
 
         `written` (B,) marks the rows whose memory already holds something; the others use vbar = 0, gamma = 1.
         """
-        k = dpfp(self.k_proj(memory_states).float(), self.nu)  # (B, M, d_key)
-        v = self.v_proj(memory_states).float()  # (B, M, d_model)
-        beta = torch.sigmoid(self.b_proj(memory_states).float())  # (B, M, 1)
+        k = self.features(self.k_proj(memory_states))  # (B, M, d_key)
+        v = self.v_proj(memory_states).to(A.dtype)  # (B, M, d_model)
+        beta = torch.sigmoid(self.b_proj(memory_states).to(A.dtype))  # (B, M, 1)
         was_written = written.view(-1, 1, 1)
-        denominator = (k @ z.unsqueeze(-1)) + self.eps  # (B, M, 1)
-        v_bar = torch.where(was_written, (k @ A) / denominator, 0.0)
-        if self.correction:
-            gamma = 1 - denominator / (k.square().sum(-1, keepdim=True) + self.eps)
-            gamma = torch.where(was_written, gamma.clamp(0, 1).detach(), 1.0)
+        if z is None:
+            v_bar = torch.where(was_written, k @ A, 0.0)
         else:
-            gamma = torch.ones_like(beta)
+            denominator = (k @ z.unsqueeze(-1)) + self.eps  # (B, M, 1)
+            v_bar = torch.where(was_written, (k @ A) / denominator, 0.0)
+            if self.correction:
+                gamma = 1 - denominator / (k.square().sum(-1, keepdim=True) + self.gamma_eps)
+                gamma = torch.where(was_written, gamma.clamp(0, 1).detach(), 1.0)
+                z = z + (gamma * k).sum(1)  # (B, d_key)
+            else:
+                z = z + k.sum(1)
         A = torch.baddbmm(A, k.transpose(1, 2), beta * (v - v_bar))  # (B, d_key, d_model)
-        z = z + (gamma * k).sum(1)  # (B, d_key)
         return A, z
 
 
 class ARMTCacheLayer:
-    """Associative memory state of one layer: A (B, d_key, d_model) and z (B, d_key), float32."""
+    """Associative memory state of one memory layer: A (B, d_key, d_model) and z (B, d_key) in the config's
+    memory dtype (float32 by default); z is None when the config keeps no denominator."""
 
     is_compileable = False
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, A: torch.Tensor, z: torch.Tensor):
+    def __init__(self, A: torch.Tensor, z: torch.Tensor | None):
         self.A = A
         self.z = z
 
     def index_rows(self, rows: torch.Tensor) -> None:
         self.A = self.A.index_select(0, rows.to(self.A.device))
-        self.z = self.z.index_select(0, rows.to(self.z.device))
+        if self.z is not None:
+            self.z = self.z.index_select(0, rows.to(self.z.device))
 
 
 class ARMTCache(Cache):
-    """All recurrent state of a batch of ARMT streams: per layer A and z (float32); the key/value cache of the
+    """All recurrent state of a batch of ARMT streams: per memory layer A and z (float32 by default); the key/value cache of the
     current, unfinished segment (`segment_cache`, with `segment_mask` marking each row's valid entries once rows
     have drifted apart through padding); per row, how many real tokens it has read (`row_tokens`) and whether its
     memory holds anything (`memory_written`). Each row's segments start at its own first real token.
@@ -123,13 +139,17 @@ class ARMTCache(Cache):
         if batch_size < 1:
             raise ValueError(f"ARMTCache batch_size must be >= 1, got {batch_size}.")
         d_key, d_model = config.d_key, config.hidden_size
+        dtype = getattr(torch, config.memory_dtype)
         layers = [
             ARMTCacheLayer(
-                torch.zeros(batch_size, d_key, d_model, device=device), torch.zeros(batch_size, d_key, device=device)
+                torch.zeros(batch_size, d_key, d_model, device=device, dtype=dtype),
+                torch.zeros(batch_size, d_key, device=device, dtype=dtype) if config.use_denominator else None,
             )
-            for _ in range(config.num_hidden_layers)
+            for _ in config.memory_layer_indices
         ]
         super().__init__(layers=layers)
+        self.memory_layer_indices = config.memory_layer_indices
+        self.use_denominator = config.use_denominator
         self.num_mem_tokens = config.num_mem_tokens
         self.segment_size = config.segment_size
         self.d_key = d_key
@@ -171,19 +191,24 @@ class ARMTCache(Cache):
 
     def check_compatible(self, config: ARMTConfig, batch_size: int) -> None:
         """Raise ValueError if this cache cannot continue a stream of a model with `config` and `batch_size` rows."""
-        expected = (config.num_hidden_layers, config.d_key, config.hidden_size, config.segment_size,
-                    config.num_mem_tokens)
-        found = (len(self.layers), self.d_key, self.d_model, self.segment_size, self.num_mem_tokens)
+        expected, found = _cache_signature(config), self._signature()
         if expected != found:
             raise ValueError(
-                f"This ARMTCache (layers, d_key, d_model, segment_size, num_mem_tokens) = {found} was made for "
-                f"another model config, which expects {expected}. Create the cache with model.new_cache(batch)."
+                f"This ARMTCache ({_SIGNATURE_FIELDS}) = {found} was made for another model config, which expects "
+                f"{expected}. Create the cache with model.new_cache(batch)."
             )
         if batch_size != self.batch_size:
             raise ValueError(
                 f"The cache holds {self.batch_size} rows but the input has {batch_size}; use one cache per batch "
                 "(or `cache.batch_select_indices` / `batch_repeat_interleave` to change it)."
             )
+
+    def _signature(self) -> tuple:
+        """What a model config must agree on to continue this cache (see `_cache_signature`)."""
+        return (
+            tuple(self.memory_layer_indices), self.d_key, self.d_model, self.segment_size, self.num_mem_tokens,
+            self.use_denominator, str(self.layers[0].A.dtype).removeprefix("torch.") if self.layers else None,
+        )
 
     def _segment_length(self) -> int:
         """Entries in the segment key/value cache."""
@@ -214,7 +239,8 @@ class ARMTCache(Cache):
     def reset(self) -> None:
         for layer in self.layers:
             layer.A.zero_()
-            layer.z.zero_()
+            if layer.z is not None:
+                layer.z.zero_()
         self.memory_written.zero_()
         self.row_tokens.zero_()
         self.seen_tokens = 0
@@ -243,7 +269,9 @@ class ARMTCache(Cache):
         """Write the whole state (memory, unfinished segment, counters) to a safetensors file."""
         tensors = {"memory_written": self.memory_written, "row_tokens": self.row_tokens}
         for idx, layer in enumerate(self.layers):
-            tensors[f"A.{idx}"], tensors[f"z.{idx}"] = layer.A, layer.z
+            tensors[f"A.{idx}"] = layer.A
+            if layer.z is not None:
+                tensors[f"z.{idx}"] = layer.z
         for idx, layer in enumerate(self.segment_cache.layers):
             if layer.is_initialized:
                 tensors[f"segment.{idx}.keys"], tensors[f"segment.{idx}.values"] = layer.keys, layer.values
@@ -253,6 +281,7 @@ class ARMTCache(Cache):
             "format": "armt-cache-v1",
             "seen_tokens": str(self.seen_tokens),
             "shape": json.dumps([len(self.layers), self.d_key, self.d_model, self.segment_size, self.num_mem_tokens]),
+            "signature": json.dumps(self._signature()),
         }
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
 
@@ -265,20 +294,24 @@ class ARMTCache(Cache):
                 raise ValueError(f"{path} is not an ARMT cache file (no 'armt-cache-v1' metadata).")
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         num_layers, d_key, d_model, segment_size, num_mem_tokens = json.loads(metadata["shape"])
-        cache = cls(config, int(tensors["memory_written"].shape[0]), device=device)
-        found = (num_layers, d_key, d_model, segment_size, num_mem_tokens)
-        expected = (len(cache.layers), cache.d_key, cache.d_model, cache.segment_size, cache.num_mem_tokens)
+        expected = _cache_signature(config)
+        if "signature" in metadata:
+            found = tuple(tuple(v) if isinstance(v, list) else v for v in json.loads(metadata["signature"]))
+        else:  # written before layers_with_memory / use_denominator / memory_dtype existed: every layer, float32 A and z
+            found = (tuple(range(num_layers)), d_key, d_model, segment_size, num_mem_tokens, True, "float32")
         if found != expected:
             raise ValueError(
-                f"The cache in {path} has (layers, d_key, d_model, segment_size, num_mem_tokens) = {found}, but the "
-                f"model expects {expected}: it was saved from another model."
+                f"The cache in {path} has ({_SIGNATURE_FIELDS}) = {found}, but the model expects {expected}: it was "
+                "saved from another model."
             )
+        cache = cls(config, int(tensors["memory_written"].shape[0]), device=device)
         for idx, layer in enumerate(cache.layers):
-            layer.A, layer.z = tensors[f"A.{idx}"].to(device), tensors[f"z.{idx}"].to(device)
+            layer.A = tensors[f"A.{idx}"].to(device)
+            layer.z = tensors[f"z.{idx}"].to(device) if config.use_denominator else None
         cache.memory_written = tensors["memory_written"].to(device)
         cache.row_tokens = tensors["row_tokens"]
         cache.seen_tokens = int(metadata["seen_tokens"])
-        for idx in range(num_layers):
+        for idx in range(config.num_hidden_layers):  # the segment's keys/values: every backbone layer
             if f"segment.{idx}.keys" in tensors:
                 keys, values = tensors[f"segment.{idx}.keys"].to(device), tensors[f"segment.{idx}.values"].to(device)
                 cache.segment_cache.update(keys, values, idx)
@@ -302,6 +335,17 @@ class ARMTCache(Cache):
             self.segment_cache.crop(max_length - self.seen_tokens)
         self.row_tokens -= self.seen_tokens - max_length
         self.seen_tokens = max_length
+
+
+_SIGNATURE_FIELDS = "memory layers, d_key, d_model, segment_size, num_mem_tokens, use_denominator, memory_dtype"
+
+
+def _cache_signature(config: ARMTConfig) -> tuple:
+    """What an ARMTCache records of the config it was made for."""
+    return (
+        tuple(config.memory_layer_indices), config.d_key, config.hidden_size, config.segment_size,
+        config.num_mem_tokens, config.use_denominator, config.memory_dtype,
+    )
 
 
 @dataclass
@@ -347,7 +391,8 @@ def _memory_write_hook(layer_idx: int):
         new_A, new_z = step.memory_layers[layer_idx].write(hidden_states[:, -step.num_memory :], A, z, step.written)
         if step.write_rows is not None:
             new_A = torch.where(step.write_rows.view(-1, 1, 1), new_A, A)
-            new_z = torch.where(step.write_rows.view(-1, 1), new_z, z)
+            if z is not None:
+                new_z = torch.where(step.write_rows.view(-1, 1), new_z, z)
         step.new_A[layer_idx], step.new_z[layer_idx] = new_A, new_z
         return None
 
@@ -423,11 +468,13 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
         self.memory_position_embeddings = (
             nn.Parameter(torch.zeros(config.num_mem_tokens, config.hidden_size)) if config.wrap_pos else None
         )
-        self.memory_layers = nn.ModuleList(ARMTMemoryLayer(config) for _ in range(config.num_hidden_layers))
+        # memory_layers[i] belongs to backbone layer config.memory_layer_indices[i]; other layers run as they are
+        self.memory_layers = nn.ModuleList(ARMTMemoryLayer(config) for _ in config.memory_layer_indices)
         self.gradient_checkpointing = False
-        for idx, layer in enumerate(find_decoder_layers(self.backbone)):
-            layer.register_forward_pre_hook(_memory_read_hook(idx), with_kwargs=True)
-            layer.register_forward_hook(_memory_write_hook(idx), with_kwargs=True)
+        decoder_layers = find_decoder_layers(self.backbone)
+        for idx, layer_idx in enumerate(config.memory_layer_indices):
+            decoder_layers[layer_idx].register_forward_pre_hook(_memory_read_hook(idx), with_kwargs=True)
+            decoder_layers[layer_idx].register_forward_hook(_memory_write_hook(idx), with_kwargs=True)
         if config.wrap_pos:
             self.backbone.base_model.wpe.register_forward_hook(_position_rows_hook)
         self.post_init()

@@ -49,9 +49,18 @@ WEIGHT_FILES = (
     "model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-# Config fields of the authors' ARMTConfig that, when set, describe behaviour this project does not implement.
+# Config fields that name L2 normalisation of the DPFP features of queries and keys.
 QK_NORM_FIELDS = ("use_qk_norm", "qk_norm", "normalize_keys")
-L2_CODE_PATTERN = re.compile(r"normalize\(\s*m[qk]\b")
+L2_CODE_PATTERN = re.compile(r"normalize\(\s*(?:m[qk]\b|_?dpfp\()")
+# gamma's denominator in the authors' code: `torch.linalg.norm(mk, dim=-1) ** 2` with or without `+ eps`.
+GAMMA_CODE_PATTERN = re.compile(r"norm\(\s*(?:mk|key)\b[^)]*\)\s*\*\*\s*2\s*(\+\s*([0-9.eE+-]+))?")
+# Fields that only the current code (src/armt.py: `model_type: "armt"`, ARMTForCausalLM / InnerLoopARMTForCausalLM)
+# writes, and options it refuses to load: a config with the former and none of the latter was saved by it.
+CURRENT_CODE_FIELDS = ("wrap_layers", "memory_dtype", "model_dtype", "base_attn_implementation")
+REMOVED_IN_CURRENT_CODE = (
+    "act_format", "act_on", "act_type", "attend_to_previous_input", "constant_depth", "gating", "max_hop", "n_heads",
+    "noisy_halting", "sliding_window", "time_penalty", "use_sink", "wrap_pos",
+)
 
 
 class ConversionError(ValueError):
@@ -249,7 +258,8 @@ def map_research_state_dict(state: dict[str, torch.Tensor], model: ARMTForCausal
     layers_prefix = _layers_prefix(model)
     layer_re = re.compile(rf"^memory_cell\.model\.{re.escape(layers_prefix)}\.(\d+)\.(.+)$")
     state = _resolve_aliases(state, layers_prefix)
-    mapped, unknown = {}, []
+    memory_index = {layer: i for i, layer in enumerate(model.config.memory_layer_indices)}
+    mapped, unknown, stray = {}, [], []
     for key, tensor in state.items():
         if key == "memory_cell.memory":
             mapped["memory_embeddings"] = tensor
@@ -259,9 +269,14 @@ def map_research_state_dict(state: dict[str, torch.Tensor], model: ARMTForCausal
             index, rest = match.groups()
             projection, _, param = rest.partition(".")
             if projection in MEMORY_PROJECTIONS:
-                mapped[f"memory_layers.{index}.{MEMORY_PROJECTIONS[projection]}.{param}"] = tensor
+                if int(index) in memory_index:
+                    mapped[f"memory_layers.{memory_index[int(index)]}.{MEMORY_PROJECTIONS[projection]}.{param}"] = tensor
+                else:
+                    stray.append(key)
             elif rest.startswith("layer."):
                 mapped[f"backbone.{layers_prefix}.{index}.{rest[len('layer.'):]}"] = tensor
+            elif int(index) not in memory_index:  # a layer without memory may keep its stock keys
+                mapped[f"backbone.{layers_prefix}.{index}.{rest}"] = tensor
             else:
                 unknown.append(key)
         elif key.startswith("memory_cell.model."):
@@ -270,6 +285,11 @@ def map_research_state_dict(state: dict[str, torch.Tensor], model: ARMTForCausal
             unknown.append(key)
     if unknown:
         raise ConversionError(f"Keys outside the research ARMT layout: {_key_list(unknown)}")
+    if stray:
+        raise ConversionError(
+            f"Memory weights for layers the config gives no memory (layers_with_memory="
+            f"{model.config.memory_layer_indices}): {_key_list(stray)}"
+        )
     if model.config.wrap_pos:
         _split_position_table(mapped, model)
     return mapped
@@ -375,19 +395,7 @@ def find_unsupported(config: dict | None, state: dict[str, torch.Tensor], code_f
     flag("attend_to_previous_input", "attention to the previous segment's input")
     flag("n_heads", "several memory heads", lambda v: v != 1)
     flag("gating", "vector gating of memory writes")
-    flag("use_denom", "memory reads without the normalising denominator", lambda v: v is False)
     flag("segment_alignment", "segments aligned other than left", lambda v: v != "left")
-    for name in QK_NORM_FIELDS:
-        flag(name, "L2-normalised keys and queries")
-    if not any(name in config for name in QK_NORM_FIELDS):
-        for path in code_files:
-            try:
-                text = path.read_text(errors="replace")
-            except OSError:
-                continue
-            if L2_CODE_PATTERN.search(text):
-                found.append(f"L2-normalised keys and queries (its code {path.name} calls F.normalize on them)")
-                break
 
     if "memory_cell.sink" in state and not config.get("use_sink"):
         found.append("a sink token (the weights hold `sink`)")
@@ -513,6 +521,147 @@ def resolve_hyperparameters(
                 "(the irodkin/armt_babilong_* checkpoints use --segment-size 512)."
             )
     return values, origin
+
+
+def is_current_code_config(config: dict | None) -> bool:
+    """Whether a source config.json was written by the authors' current code (src/armt.py, `model_type: "armt"`)."""
+    return (
+        is_armt_config(config)
+        and any(name in config for name in CURRENT_CODE_FIELDS)
+        and not any(name in config for name in REMOVED_IN_CURRENT_CODE)
+    )
+
+
+def _code_texts(code_files: list[Path]) -> list[tuple[str, str]]:
+    texts = []
+    for path in code_files:
+        try:
+            texts.append((path.name, path.read_text(errors="replace")))
+        except OSError:
+            continue
+    return texts
+
+
+def resolve_memory_options(
+    args: argparse.Namespace, source: "Source", source_format: str, state: dict[str, torch.Tensor], num_layers: int
+) -> tuple[dict, dict, list[str]]:
+    """Options in which the authors' code revisions differ: L2-normalised features (and gamma's epsilon), the
+    denominator, the layers with memory, the memory dtype. Returns (values, origin, how each was told).
+
+    Whatever the source cannot reveal and no flag gives is refused, never guessed; `state` is in the research layout."""
+    config = source.config if is_armt_config(source.config) else {}
+    current = is_current_code_config(source.config)
+    codes = _code_texts(source.code_files)
+    values, origin, told = {}, {}, []
+
+    # L2 normalisation of phi(q) and phi(k)
+    l2_code = next((name for name, text in codes if L2_CODE_PATTERN.search(text)), None)
+    l2_field = next((name for name in QK_NORM_FIELDS if config.get(name) is not None), None)
+    if args.normalize_features is not None:
+        normalize, origin["normalize_features"] = args.normalize_features, "flag"
+        told.append(f"feature normalisation {'on' if normalize else 'off'}: given by --{'' if normalize else 'no-'}normalize-features")
+    elif current:
+        normalize, origin["normalize_features"] = True, "config"
+        fields = ", ".join(name for name in CURRENT_CODE_FIELDS if name in config)
+        told.append(
+            f"saved by the authors' current code (src/armt.py): its config.json has {fields} and none of the "
+            "options that code removed; that code L2-normalises the DPFP features of queries and keys"
+        )
+    elif l2_field is not None:
+        normalize, origin["normalize_features"] = bool(config[l2_field]), "config"
+        told.append(f"feature normalisation {'on' if normalize else 'off'}: the config's {l2_field}={config[l2_field]!r}")
+    elif codes:
+        normalize, origin["normalize_features"] = l2_code is not None, "code"
+        told.append(
+            f"feature normalisation on: its code {l2_code} calls F.normalize on the DPFP features" if l2_code
+            else f"feature normalisation off: its code ({', '.join(name for name, _ in codes)}) never L2-normalises them"
+        )
+    elif source_format == "research":
+        normalize, origin["normalize_features"] = False, "layout"
+        told.append(
+            "feature normalisation off: the research layout (`memory_cell.*`) of the 2024 research code, which does "
+            "not normalise (a later revision may: pass --normalize-features for such a bare checkpoint)"
+        )
+    else:
+        raise ConversionError(
+            f"Cannot tell whether this {source_format} checkpoint L2-normalises the DPFP features of queries and keys "
+            "(the authors' code revisions differ, and neither a config.json of the current code nor the remote code "
+            "is beside it). Pass --normalize-features (the current code, src/armt.py) or --no-normalize-features."
+        )
+    values["normalize_features"] = normalize
+
+    # gamma = clip(1 - (k.z + eps) / (|k|^2 + correction_eps), 0, 1)
+    gamma = next((match for _, text in codes if (match := GAMMA_CODE_PATTERN.search(text))), None)
+    if args.correction_eps is not None:
+        values["correction_eps"], origin["correction_eps"] = args.correction_eps, "flag"
+    elif gamma is not None:
+        values["correction_eps"] = float(gamma.group(2)) if gamma.group(1) else 0.0
+        origin["correction_eps"] = "code"
+    elif normalize:
+        values["correction_eps"], origin["correction_eps"] = 0.0, "config" if current else origin["normalize_features"]
+    else:
+        values["correction_eps"], origin["correction_eps"] = None, "default"
+    if values["correction_eps"] is not None:
+        told.append(f"the correction divides by |k|^2 + {values['correction_eps']:g}")
+
+    # the denominator z
+    if args.use_denominator is not None:
+        values["use_denominator"], origin["use_denominator"] = args.use_denominator, "flag"
+    elif config.get("use_denom") is not None:
+        values["use_denominator"], origin["use_denominator"] = bool(config["use_denom"]), "config"
+    else:
+        values["use_denominator"], origin["use_denominator"] = True, "default"
+
+    # layers with memory: the config's wrap_layers, checked against the weights
+    layer_re = re.compile(r"^memory_cell\.model\..+\.(\d+)\.W_mq\.weight$")
+    in_weights = sorted({int(m.group(1)) for key in state if (m := layer_re.match(key))})
+    wrap = config.get("wrap_layers")
+    if wrap is not None:
+        if not isinstance(wrap, list) or len(wrap) != num_layers or not all(isinstance(v, bool) for v in wrap):
+            raise ConversionError(
+                f"The source config's wrap_layers must be a list of {num_layers} booleans (one per backbone layer), "
+                f"got {wrap!r}."
+            )
+        layers = [i for i, on in enumerate(wrap) if on]
+        if in_weights and layers != in_weights:
+            raise ConversionError(
+                f"The source config's wrap_layers puts memory on layers {layers}, but the weights hold W_mq for "
+                f"layers {in_weights}."
+            )
+        origin["layers_with_memory"] = "config"
+    else:
+        layers, origin["layers_with_memory"] = in_weights or list(range(num_layers)), "weights"
+    values["layers_with_memory"] = None if layers == list(range(num_layers)) else layers
+    if values["layers_with_memory"] is not None:
+        told.append(f"memory on layers {layers} of {num_layers} ({origin['layers_with_memory']})")
+
+    # memory dtype: the current code keeps A and z in memory_dtype (default: the model's dtype)
+    memory_dtype = config.get("memory_dtype") or (config.get("model_dtype") if current else None)
+    if memory_dtype is not None:
+        name = str(memory_dtype).removeprefix("torch.")
+        name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(name, name)
+        if name not in DTYPES:
+            raise ConversionError(f"The source's memory dtype {memory_dtype!r} is not one of {', '.join(DTYPES)}.")
+        values["memory_dtype"], origin["memory_dtype"] = name, "config"
+    return values, origin, told
+
+
+def check_positions(backbone_model, source_format: str, current: bool) -> None:
+    """The authors' in-layer code restarts positions at every segment only where it finds the rotary embedding at
+    `model.rotary_emb` or `gpt_neox.rotary_emb` (never for Gemma); elsewhere positions run across segments, which
+    this model (positions restart per segment) cannot reproduce."""
+    if source_format != "inner-loop" or not current:
+        return
+    model_type = backbone_model.config.model_type
+    rotary = getattr(getattr(backbone_model, "model", None), "rotary_emb", None) or getattr(
+        getattr(backbone_model, "gpt_neox", None), "rotary_emb", None
+    )
+    if rotary is None or "gemma" in model_type.lower():
+        raise ConversionError(
+            f"The authors' current code numbers positions across segments for a {model_type!r} backbone (it restarts "
+            "them only through a rotary embedding at model.rotary_emb / gpt_neox.rotary_emb, never for Gemma); this "
+            "model restarts them every segment, so a conversion would compute something else. Nothing was written."
+        )
 
 
 def _infer_wrap_pos(state: dict[str, torch.Tensor], backbone: dict, memory: torch.Tensor | None) -> bool | None:
@@ -667,6 +816,7 @@ def model_card(
     dtype: torch.dtype,
     has_tokenizer: bool,
     warnings: list[str],
+    detection: list[str] = (),
 ) -> str:
     """README.md of the output folder: what it is, where it came from, how to load it, its hyper-parameters."""
     base = config.base_config
@@ -686,10 +836,16 @@ def model_card(
         ("dpfp_nu", config.dpfp_nu, "nu of the DPFP feature map"),
         ("correction", config.correction, "delta-rule correction of memory writes"),
         ("wrap_pos", config.wrap_pos, "memory tokens use extra learned position rows"),
+        ("normalize_features", config.normalize_features, "L2-normalised DPFP features of queries and keys"),
+        ("correction_eps", config.correction_eps, "epsilon added to abs(k)^2 in the correction (None: memory_eps)"),
+        ("use_denominator", config.use_denominator, "reads divide by phi(q).z + eps"),
+        ("layers_with_memory", config.layers_with_memory, "backbone layers with memory (None: all)"),
+        ("memory_dtype", config.memory_dtype, "dtype of A, z and the memory arithmetic"),
     ]
     rows = "\n".join(f"| `{k}` | `{v}` | {origin.get(k, '-')} | {what} |" for k, v, what in params)
     layers = getattr(base, "num_hidden_layers", "?")
     notes = "".join(f"\n- {w}" for w in warnings)
+    told = "".join(f"\n- {line}" for line in detection)
     backbone_note = ""
     if isinstance(backbone_name, str):  # a Hub id as is; of a local path only its name (no local paths in a card)
         backbone_note = f", backbone `{Path(backbone_name).name if Path(backbone_name).exists() else backbone_name}`"
@@ -717,7 +873,7 @@ The weights are the source's, renamed to stock transformers keys (`backbone.*`) 
 | source file | bytes | sha256 |
 |---|---|---|
 {files}
-{f"{chr(10)}Notes:{notes}{chr(10)}" if notes else ""}
+{f"{chr(10)}How the source's code revision was told:{told}{chr(10)}" if told else ""}{f"{chr(10)}Notes:{notes}{chr(10)}" if notes else ""}
 ## How to use
 
 Everything needed is in this folder (the model code comes with it, hence `trust_remote_code=True`):
@@ -788,6 +944,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="memory tokens use extra learned position rows (GPT-2 backbones)")
     hyper.add_argument("--correction", action=argparse.BooleanOptionalAction, default=None,
                        help="delta-rule correction of memory writes (--no-correction: trained without it)")
+    hyper.add_argument("--normalize-features", action=argparse.BooleanOptionalAction, default=None,
+                       help="L2-normalised DPFP features of queries and keys (default: told from the source's config "
+                            "or code; needed for a bare checkpoint of the inner-loop layout)")
+    hyper.add_argument("--correction-eps", type=float, metavar="EPS",
+                       help="epsilon added to |k|^2 in the correction (default: the source code's; 0 for the "
+                            "current code, memory_eps for the 2024 research code)")
+    hyper.add_argument("--use-denominator", action=argparse.BooleanOptionalAction, default=None,
+                       help="memory reads divide by phi(q).z + eps (default: the source config's use_denom, else on)")
     out = parser.add_argument_group("output")
     out.add_argument("--output", type=Path, required=True, metavar="DIR", help="folder to write (must not exist)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -841,7 +1005,14 @@ def convert(args: argparse.Namespace) -> Path:
         )
     backbone, backbone_name = resolve_backbone(args.base_config, source)
     values, origin = resolve_hyperparameters(args, source.config, state, backbone)
+    memory_values, memory_origin, detection = resolve_memory_options(
+        args, source, source_format, state, int(backbone.get("num_hidden_layers") or backbone.get("n_layer") or 0)
+    )
+    values.update(memory_values)
+    origin.update(memory_origin)
     logger.info("hyper-parameters: %s", ", ".join(f"{k}={v} ({origin[k]})" for k, v in values.items()))
+    for line in detection:
+        logger.info("detected: %s", line)
     try:
         config = ARMTConfig(base_config=backbone, **values)
     except ValueError as error:
@@ -863,12 +1034,14 @@ def convert(args: argparse.Namespace) -> Path:
             "warning: the tokenizer has %d tokens, the model's vocabulary %d", len(tokenizer), config.vocab_size
         )
     model = build_model(state, config, dtype=dtype)
+    check_positions(model.backbone, source_format, is_current_code_config(source.config))
     del state
     source.state = {}
     _set_generation_defaults(model, tokenizer)
     card = model_card(
         config, source=source, source_format=source_format, source_name=args.source_name, origin=origin,
         backbone_name=backbone_name, dtype=dtype, has_tokenizer=tokenizer is not None, warnings=warnings,
+        detection=detection,
     )
     diff = write_folder(
         model, output, overwrite=args.overwrite, tokenizer=tokenizer, model_card=card,

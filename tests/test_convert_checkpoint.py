@@ -128,6 +128,8 @@ def _inner_loop_folder(case: str, folder: Path, tokenizer: Path | None = None) -
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     config = _hub_config(spec, "InnerLoopARMTForCausalLM", base_model_name=str(backbone))
     (folder / "config.json").write_text(json.dumps(config))
+    # a stand-in for the remote code of a revision that does not normalise features (never imported)
+    (folder / "inner_loop.py").write_text("mq = self.phi(q)\nnum = torch.einsum('ihjk,ihkt->ihjt', mq, W_mem)\n")
     if tokenizer is not None:
         for path in tokenizer.iterdir():
             (folder / path.name).write_bytes(path.read_bytes())
@@ -291,10 +293,10 @@ def _bad_source(kind: str, tmp_path: Path) -> tuple[list, list[str]]:
         config.update(use_sink=True, n_heads=2, act_on=True)
         (folder / "config.json").write_text(json.dumps(config))
         return ["--checkpoint", folder], ["use_sink=True", "sink token", "n_heads=2", "act_on=True", "ACT"]
-    if kind == "refused_l2_code":
-        folder = _outer_loop_folder(case, tmp_path / "outer")
-        (folder / "model.py").write_text("mk = self.phi(k)\nmk = F.normalize(mk, dim=-1, p=2.0)\n")
-        return ["--checkpoint", folder], ["L2-normalised keys", "model.py"]
+    if kind == "inner_loop_without_code":
+        folder = _inner_loop_folder(case, tmp_path / "inner")
+        (folder / "inner_loop.py").unlink()
+        return ["--checkpoint", folder], ["Cannot tell whether", "L2-normalises", "--normalize-features"]
     if kind == "refused_vector_gating":
         state = _research_state(case)
         for key in [k for k in state if k.endswith("W_mb.weight")]:
@@ -325,7 +327,7 @@ def _bad_source(kind: str, tmp_path: Path) -> tuple[list, list[str]]:
 
 
 BAD_INPUTS = ["truncated", "wrong_shape", "missing_keys", "untied_head", "unknown_layout", "forced_wrong_layout",
-              "refused_config_options", "refused_l2_code", "refused_vector_gating", "pickled_code", "no_segment_size",
+              "refused_config_options", "inner_loop_without_code", "refused_vector_gating", "pickled_code", "no_segment_size",
               "no_backbone", "offline_backbone_id", "output_is_source", "existing_output"]
 
 

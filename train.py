@@ -341,7 +341,8 @@ def armt_loss(model, unwrapped: ARMTForCausalLM, input_ids: torch.Tensor, labels
     """Summed cross-entropy of the labelled tokens times `scale`, read group by group of `bptt_depth` segments.
 
     Only the labelled positions get logits: for gpt2/llama backbones without gradient checkpointing exactly the
-    labelled (row, column) pairs, otherwise every row at the columns where some row has a label. The memory is detached between groups; every group's loss but the last
+    labelled (row, column) pairs, otherwise every row at the columns where some row has a label. The memory is
+    detached between groups; every group's loss but the last
     one is backpropagated at once through `backward` (inside `no_sync()`, for DDP), so that only one group's graph
     is alive; the returned loss carries the graph of the last group (plus the earlier groups' values, detached).
     Groups without labels before the last labelled one run without a graph; groups after it are not run.

@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise EvalError(f"--threads must be >= 1, got {args.threads}.")
     if args.output:
         if Path(args.output).is_dir():
-            raise EvalError(f"--output {args.output} is a folder; give a file name, e.g. {Path(args.output) / 'ar.json'}.")
+            raise EvalError(f"--output {args.output} is a folder; give a file name, e.g. "
+                            f"{Path(args.output) / 'ar.json'}.")
         writable_folder(Path(args.output).parent, "--output folder")
     model_path = resolve_model(args.model, offline=False)
 

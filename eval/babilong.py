@@ -283,7 +283,8 @@ def generator_settings(args: argparse.Namespace, length: str) -> dict:
     """What the offline generator's files depend on (the haystack only above 0k)."""
     own = {"seed": args.seed, "babi_dir": str(Path(args.babi_dir).resolve()) if args.babi_dir else None}
     if parse_length(length) > 0:
-        own["haystack"] = [h if h in ("austen", "pg19") else str(Path(h).resolve()) for h in args.haystack or ["austen"]]
+        sources = args.haystack or ["austen"]
+        own["haystack"] = [h if h in ("austen", "pg19") else str(Path(h).resolve()) for h in sources]
     return own
 
 

@@ -245,6 +245,7 @@ def greedy_generate(model, prompts: list[list[int] | np.ndarray], max_new_tokens
     input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_token_id, padding_side="left")
     attention_mask = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True, padding_value=0,
                                   padding_side="left")
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     width = input_ids.shape[1]
     extra = {}
     with torch.no_grad():
@@ -252,17 +253,18 @@ def greedy_generate(model, prompts: list[list[int] | np.ndarray], max_new_tokens
             segment = model.config.segment_size
             chunk = max(1, PREFILL_TOKENS // segment) * segment
             cache = model.new_cache(len(rows))
-            with tqdm(total=int(attention_mask[:, : width - 1].sum()), desc=progress, unit="tok", unit_scale=True, leave=False,
+            total = int(attention_mask[:, : width - 1].sum())
+            with tqdm(total=total, desc=progress, unit="tok", unit_scale=True, leave=False,
                       disable=progress is None) as bar:
                 for start in range(0, width - 1, chunk):
                     end = min(start + chunk, width - 1)
-                    model(input_ids[:, start:end].to(device), attention_mask=attention_mask[:, :end].to(device),
-                          cache=cache, logits_to_keep=1)
+                    model(input_ids[:, start:end], attention_mask=attention_mask[:, :end], cache=cache,
+                          logits_to_keep=1)
                     bar.update(int(attention_mask[:, start:end].sum()))
             extra["cache"] = cache
         output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,

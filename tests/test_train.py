@@ -302,7 +302,8 @@ def test_a_first_stage_of_zero_segments_gives_the_stories_alone():
     assert len(sample["input_ids"]) != len(other["input_ids"]) and batch["input_ids"].shape == (2, width)
     short = min((sample, other), key=lambda s: len(s["input_ids"]))
     row = 0 if short is sample else 1
-    assert batch["attention_mask"][row].tolist() == [1] * len(short["input_ids"]) + [0] * (width - len(short["input_ids"]))
+    length = len(short["input_ids"])
+    assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (width - length)
     assert batch["labels"][row, len(short["labels"]):].eq(-100).all()
     for bad in ("1,0", "0", "0,0,1", "-1,2"):
         with pytest.raises(train.TrainError, match="curriculum"):

@@ -19,6 +19,8 @@ Example (a published research checkpoint, GPT-2 backbone):
       --num-mem-tokens 10 --d-mem 64 --segment-size 512 --tokenizer gpt2 --output armt-gpt2-babilong-qa1
 """
 
+from __future__ import annotations
+
 import argparse
 import contextlib
 import hashlib
@@ -31,19 +33,21 @@ import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch and transformers are imported where used, so that --help answers at once
+    import torch
 
-from configuration_armt import LEARNED_POSITION_FIELDS, ARMTConfig
-from modeling_armt import ARMTForCausalLM, find_decoder_layers
+    from configuration_armt import ARMTConfig
+    from modeling_armt import ARMTForCausalLM
 
 logger = logging.getLogger("convert_checkpoint")
 
 MEMORY_PROJECTIONS = {"W_mq": "q_proj", "W_mk": "k_proj", "W_mv": "v_proj", "W_mb": "b_proj"}
 SOURCE_FORMATS = ("research", "outer-loop", "inner-loop")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
 # Weight files looked for in a source folder, in order of preference.
 WEIGHT_FILES = (
     "model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -94,6 +98,8 @@ class Source:
 
 
 def _unwrap_state(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     for wrapper in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -109,14 +115,10 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.name.endswith(".index.json"):
         return _load_sharded(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from huggingface_hub.serialization import load_state_dict_from_file
 
-            return _unwrap_state(load_file(path), path)
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
-    except ConversionError:
-        raise
+    try:
+        state = load_state_dict_from_file(path, map_location="cpu", weights_only=True, safe=False)
     except Exception as error:  # truncated or foreign files raise many different errors
         if "weights_only" in str(error) or "Unsupported global" in str(error):
             reason = "it holds Python objects besides tensors, which are refused (nothing was executed)"
@@ -298,6 +300,8 @@ def map_research_state_dict(state: dict[str, torch.Tensor], model: ARMTForCausal
 def _resolve_aliases(state: dict[str, torch.Tensor], layers_prefix: str) -> dict[str, torch.Tensor]:
     """Drop `memory_cell.layers.N.*` aliases; one stands in for its `memory_cell.model.<layers>.N.*` key when that
     is absent (a Hub save may have kept either name of a shared tensor)."""
+    import torch
+
     resolved, differ = {}, []
     for key, tensor in state.items():
         if not key.startswith("memory_cell.layers."):
@@ -314,6 +318,8 @@ def _resolve_aliases(state: dict[str, torch.Tensor], layers_prefix: str) -> dict
 
 
 def _layers_prefix(model: ARMTForCausalLM) -> str:
+    from modeling_armt import find_decoder_layers
+
     layers = find_decoder_layers(model.backbone)
     return next(name for name, module in model.backbone.named_modules() if module is layers)
 
@@ -340,6 +346,8 @@ def _split_position_table(mapped: dict[str, torch.Tensor], model: ARMTForCausalL
 
 def check_state_dict(mapped: dict[str, torch.Tensor], model: ARMTForCausalLM) -> None:
     """Fail, listing them, on missing or unexpected keys and on shapes that disagree with the config."""
+    import torch
+
     expected = model.state_dict()
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     missing = [k for k in expected if k not in mapped and k not in tied]
@@ -475,6 +483,8 @@ def resolve_backbone(base_config: str | None, source: Source) -> tuple[dict, str
 
 
 def _source_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    import torch
+
     counts = Counter()
     for tensor in state.values():
         if tensor.is_floating_point():
@@ -665,6 +675,8 @@ def check_positions(backbone_model, source_format: str, current: bool) -> None:
 
 
 def _infer_wrap_pos(state: dict[str, torch.Tensor], backbone: dict, memory: torch.Tensor | None) -> bool | None:
+    from configuration_armt import LEARNED_POSITION_FIELDS
+
     table_field = LEARNED_POSITION_FIELDS.get(backbone.get("model_type"))
     table = next((t for k, t in state.items() if k.endswith(".wpe.weight")), None)
     if table_field is None or table is None or memory is None or backbone.get(table_field) is None:
@@ -679,6 +691,7 @@ def _infer_wrap_pos(state: dict[str, torch.Tensor], backbone: dict, memory: torc
 @contextlib.contextmanager
 def _building(dtype: torch.dtype):
     """Construct modules directly in `dtype` and skip their random initialisation (every weight gets loaded)."""
+    import torch
     from transformers.initialization import no_init_weights
 
     previous = torch.get_default_dtype()
@@ -691,9 +704,15 @@ def _building(dtype: torch.dtype):
 
 
 def build_model(
-    state: dict[str, torch.Tensor], config: ARMTConfig, dtype: torch.dtype = torch.float32
+    state: dict[str, torch.Tensor], config: ARMTConfig, dtype: torch.dtype | None = None
 ) -> ARMTForCausalLM:
-    """An ARMTForCausalLM in `dtype` holding the research-layout `state` (checked: keys and shapes)."""
+    """An ARMTForCausalLM in `dtype` (default float32) holding the research-layout `state` (checked: keys and
+    shapes)."""
+    import torch
+
+    from modeling_armt import ARMTForCausalLM
+
+    dtype = dtype or torch.float32
     with _building(dtype):
         model = ARMTForCausalLM(config)
     mapped = map_research_state_dict(state, model)
@@ -746,7 +765,8 @@ def write_folder(
         raise ConversionError(f"{output} exists; pass --overwrite to replace it.")
     created = next((p for p in [output.parent, *output.parent.parents][::-1] if not p.exists()), None)
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    _remove_stale_staging(output)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     try:
         folder = staging / output.name  # the final name, so the remote-code module cache sees one name only
         model.save_pretrained(folder, max_shard_size=max_shard_size)
@@ -775,8 +795,29 @@ def write_folder(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _remove_stale_staging(output: Path) -> None:
+    """Remove staging folders that a killed conversion into `output` left beside it (their process is gone)."""
+    for folder in output.parent.glob(f".{glob_escape(output.name)}.tmp-*"):
+        pid = folder.name[len(f".{output.name}.tmp-") :].partition("-")[0]
+        if pid.isdigit() and _process_alive(int(pid)):
+            continue
+        logger.info("removing %s, left by a conversion that was killed", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def verify_folder(model: ARMTForCausalLM, output: Path, seed: int = 0) -> float:
     """Reload the written folder and compare its logits with the in-memory model on a random 2.5-segment input."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True).eval()
@@ -986,6 +1027,10 @@ def _load_tokenizer(spec: str | None, source: Source):
 
 def convert(args: argparse.Namespace) -> Path:
     """Run a conversion described by parsed CLI arguments; returns the written folder."""
+    import torch
+
+    from configuration_armt import LEARNED_POSITION_FIELDS, ARMTConfig
+
     output: Path = args.output
     if output.exists() and not args.overwrite:
         raise ConversionError(f"{output} exists; pass --overwrite to replace it.")
@@ -1017,8 +1062,8 @@ def convert(args: argparse.Namespace) -> Path:
         config = ARMTConfig(base_config=backbone, **values)
     except ValueError as error:
         raise ConversionError(f"The hyper-parameters do not make a valid ARMT config: {error}") from error
-    dtype = _source_dtype(state) if args.dtype == "auto" else DTYPES[args.dtype]
-    if dtype not in DTYPES.values():
+    dtype = _source_dtype(state) if args.dtype == "auto" else getattr(torch, args.dtype)
+    if str(dtype).removeprefix("torch.") not in DTYPES:
         raise ConversionError(f"The source's dtype {dtype} cannot be saved as is; pass --dtype.")
     warnings = []
     if source_format == "inner-loop" and backbone["model_type"] in LEARNED_POSITION_FIELDS:
@@ -1081,7 +1126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _quiet_transformers(args.quiet):
             convert(args)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError: an output folder that cannot be written, a full disk, ...
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:

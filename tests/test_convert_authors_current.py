@@ -148,3 +148,51 @@ def test_backbone_whose_positions_run_across_segments_is_refused(tmp_path, capsy
     folder = _edited_copy("llama_all", tmp_path, base_model_type="gemma")
     code, err = _convert(["--checkpoint", folder, "--output", tmp_path / "out", "--no-verify"], capsys)
     assert code == 2 and "numbers positions across segments" in err and "'gemma'" in err, err
+
+
+def test_help_answers_without_importing_torch():
+    import subprocess
+    import sys
+    import time
+
+    script = ("import runpy, sys; sys.argv = ['convert_checkpoint.py', '--help']\n"
+              "try:\n    runpy.run_path('convert_checkpoint.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+              "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n")
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=Path(__file__).parents[1], timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--normalize-features" in result.stdout and time.perf_counter() - start < 10
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, err = _convert(["--checkpoint", FIXTURES / "llama_all", "--output", blocker / "out"], capsys)
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_staging_folder_of_a_killed_run_is_removed(tmp_path, capsys):
+    stale = tmp_path / ".out.tmp-999999999-abcd"  # no such process
+    (stale / "out").mkdir(parents=True)
+    (stale / "out" / "model.safetensors").write_bytes(b"half written")
+    code, err = _convert(["--checkpoint", FIXTURES / "llama_all", "--output", tmp_path / "out", "--no-verify"], capsys)
+    assert code == 0, err
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_ctrl_c_while_torch_loads_exits_130_quietly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "convert_checkpoint.py", "--checkpoint", FIXTURES / "llama_all", "--output", tmp_path / "out"],
+        cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(0.5)  # argparse is done, torch and transformers are loading (several seconds here)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

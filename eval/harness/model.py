@@ -1,0 +1,248 @@
+"""`armt`: an lm_eval model that streams every request through ARMT's segment cache.
+
+Nothing is ever cut into windows that restart memory: a request of any length is read chunk by chunk through one
+`ARMTCache` per batch, and logits are built only where a score needs them (the continuation in `loglikelihood`,
+every token in `loglikelihood_rolling`, one chunk at a time, summed and discarded). Memory stays flat in the length.
+
+Prompts may hold PIECE_BREAK ("\\x1e"): the pieces between breaks are tokenized separately and concatenated, which
+is how BABILong's raw prompt (context, question, "GEN") reaches fine-tuned memory models (see eval/prompts.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import numpy as np
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils_hf import stop_sequences_criteria
+from tqdm.auto import tqdm
+
+from ..common import EvalError, encode_long, load_model, load_tokenizer, pick_dtype, resolve_model
+from . import PIECE_BREAK
+
+logger = logging.getLogger(__name__)
+
+MAX_LENGTH = sys.maxsize  # ARMT reads inputs of any length: no request is ever truncated or windowed
+PREFILL_BAR_TOKENS = 4096  # prompts at least this long get a prefill progress bar
+
+
+class ARMTLM(TemplateLM):
+    """lm_eval model for ARMT folders (`--model armt --model_args pretrained=FOLDER[,tokenizer=...,dtype=...,
+    chunk_size=...,max_gen_toks=...,threads=...]`)."""
+
+    def __init__(
+        self,
+        pretrained: str,
+        tokenizer: str | None = None,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        chunk_size: int | None = None,
+        max_gen_toks: int = 256,
+        threads: int | None = None,
+    ):
+        super().__init__()
+        try:
+            self.batch_size = int(batch_size)
+        except ValueError:
+            raise EvalError(f"batch_size={batch_size!r}: the armt model takes a whole number (no 'auto').") from None
+        if self.batch_size < 1 or max_gen_toks < 1 or (chunk_size is not None and chunk_size < 1):
+            raise EvalError("batch_size, max_gen_toks and chunk_size must be >= 1.")
+        if threads:
+            torch.set_num_threads(int(threads))
+        self._device = pick_device_or_cpu(device)
+        path = resolve_model(str(pretrained), offline=False)
+        self.model = load_model(path, self._device, pick_dtype(dtype, self._device))
+        if not hasattr(self.model, "new_cache"):
+            raise EvalError(f"{path} is not an ARMT model (it has no new_cache()); use lm_eval's `hf` model for it.")
+        self.tokenizer = load_tokenizer(tokenizer, path)
+        self.pretrained = path
+        self.chunk_size = int(chunk_size or self.model.config.segment_size)
+        self._max_gen_toks = int(max_gen_toks)
+        self.max_length = MAX_LENGTH
+        self.pad_token_id = self.tokenizer.pad_token_id  # load_tokenizer falls back to EOS
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context and a rolling document are conditioned on: BOS, else EOS."""
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.encode(string, add_special_tokens is not False).tolist()
+
+    def encode(self, string: str, special_prefix: bool = True) -> np.ndarray:
+        """Token ids: the tokenizer's special prefix (BOS for tokenizers that add one, as `tokenizer("")` gives),
+        then each PIECE_BREAK-separated piece tokenized on its own; text of any size is tokenized in chunks."""
+        prefix = self.tokenizer("", add_special_tokens=True)["input_ids"] if special_prefix else []
+        pieces = [encode_long(self.tokenizer, piece) for piece in string.split(PIECE_BREAK) if piece]
+        return np.concatenate([np.asarray(prefix, dtype=np.int64), *pieces])
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Scoring
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        rows = []
+        for _, context, continuation in requests:
+            whole = np.asarray([*context, *continuation], dtype=np.int64)
+            rows.append((whole[:-1], whole[len(whole) - len(continuation) :]))
+        results = self._score(rows, disable_tqdm)
+        for (pair, _, _), result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", pair, result)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of each whole document given the prefix token, read in one stream (no windows)."""
+        rows = []
+        for request in requests:
+            tokens = self.encode(request.args[0], special_prefix=False)
+            rows.append((np.concatenate([[self.prefix_token_id], tokens[:-1]]).astype(np.int64), tokens))
+        results = [logprob for logprob, _ in self._score(rows, disable_tqdm, greedy=False)]
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, result)
+        return results
+
+    def _score(self, rows: list[tuple[np.ndarray, np.ndarray]], disable_tqdm: bool,
+               greedy: bool = True) -> list[tuple[float, bool]]:
+        """(sum of log-probs, all greedy) of each row's targets, which the last len(targets) inputs predict
+        (without `greedy`, the second item is always True). Rows are batched longest first, so padding stays small."""
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
+        with tqdm(total=sum(len(inputs) for inputs, _ in rows), desc="armt scoring", unit="tok", unit_scale=True,
+                  disable=disable_tqdm) as progress:
+            for first in range(0, len(order), self.batch_size):
+                batch = order[first : first + self.batch_size]
+                scored = self._score_batch([rows[i] for i in batch if len(rows[i][1])], progress, greedy)
+                for i in (i for i in batch if len(rows[i][1])):
+                    results[i] = next(scored)
+        return results
+
+    @torch.no_grad()
+    def _score_batch(self, rows: list[tuple[np.ndarray, np.ndarray]], progress: tqdm, greedy: bool):
+        """Stream one left-padded batch through a fresh cache, chunk by chunk; yields (log-prob, greedy) per row."""
+        if not rows:
+            return iter(())
+        pads = [max(len(inputs) for inputs, _ in rows) - len(inputs) for inputs, _ in rows]
+        width = len(rows[0][0]) + pads[0]
+        first_scored = min(width - len(targets) for _, targets in rows)
+        # targets by column from first_scored on; -1 where a row scores nothing
+        targets = torch.full((len(rows), width - first_scored), -1, dtype=torch.long)
+        for row, (_, target) in enumerate(rows):
+            targets[row, targets.shape[1] - len(target) :] = torch.from_numpy(target)
+        logprob = torch.zeros(len(rows), dtype=torch.float64)
+        is_greedy = torch.ones(len(rows), dtype=torch.bool)
+        for start, end, logits in self._stream([inputs for inputs, _ in rows], pads, first_scored, progress):
+            if logits is None:
+                continue
+            wanted = targets[:, max(start, first_scored) - first_scored : end - first_scored]
+            valid = wanted >= 0
+            logp = logits.float().log_softmax(-1)  # (B, k, V): one chunk at most
+            picked = logp.gather(-1, wanted.clamp(min=0).unsqueeze(-1).to(logp.device)).squeeze(-1).cpu()
+            logprob += torch.where(valid, picked, 0.0).sum(1, dtype=torch.float64)
+            if greedy:
+                is_greedy &= ((logp.argmax(-1).cpu() == wanted) | ~valid).all(1)
+        return iter(zip(logprob.tolist(), is_greedy.tolist()))
+
+    def _stream(self, inputs: list[np.ndarray], pads: list[int], keep_from: int, progress: tqdm, cache=None):
+        """Feed left-padded rows through `cache` (a new one if None) in chunks of `chunk_size` columns; yields
+        (start, end, logits of the columns >= keep_from in [start, end), or None)."""
+        width = len(inputs[0]) + pads[0]
+        cache = cache if cache is not None else self.model.new_cache(len(inputs))
+        pad_ends = torch.tensor(pads).unsqueeze(1)
+        for start in range(0, width, self.chunk_size):
+            end = min(width, start + self.chunk_size)
+            ids = torch.full((len(inputs), end - start), self.pad_token_id, dtype=torch.long)
+            for row, (tokens, pad) in enumerate(zip(inputs, pads)):
+                if pad < end:
+                    lo = max(start, pad)
+                    ids[row, lo - start :] = torch.from_numpy(tokens[lo - pad : end - pad])
+            # the mask covers cached + new columns; it is needed only while some row is still in its padding
+            mask = (torch.arange(end) >= pad_ends).long().to(self._device) if start < max(pads) else None
+            keep = torch.arange(max(start, keep_from) - start, end - start) if keep_from < end else 1
+            out = self.model(ids.to(self._device), attention_mask=mask, cache=cache, logits_to_keep=keep)
+            progress.update(int(sum(end - max(start, pad) for pad in pads if pad < end)))
+            yield start, end, (out.logits if keep_from < end else None)
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Decode each context with the model's generate(), after streaming all but its last token through the
+        cache with a progress bar; stop sequences (and EOS) end a row and are cut from its text."""
+        results = []
+        collator = Collator([request.args for request in requests], sort_fn=lambda args: (-len(args[0]), args[0]),
+                            group_by="gen_kwargs", group_fn=lambda args: args[1])
+        eos = self.tokenizer.decode([self.eot_token_id])
+        with tqdm(total=len(requests), desc="armt generate_until", disable=disable_tqdm) as bar:
+            for batch in collator.get_batched(n=self.batch_size):
+                contexts, all_kwargs = zip(*batch)
+                kwargs = normalize_gen_kwargs(all_kwargs[0], self.max_gen_toks)
+                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+                max_new_tokens = kwargs.pop("max_gen_toks")
+                if not kwargs.get("do_sample"):
+                    kwargs.pop("temperature", None)
+                for context, text in zip(contexts, self._generate(list(contexts), until, max_new_tokens, kwargs,
+                                                                  disable_tqdm)):
+                    results.append(text)
+                    self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
+                    bar.update(1)
+        return collator.get_original(results)
+
+    def _generate(self, contexts: list[str], until: list[str], max_new_tokens: int, kwargs: dict,
+                  disable_tqdm: bool) -> list[str]:
+        encoded = [self.encode(context).tolist() for context in contexts]
+        padded = self.tokenizer.pad({"input_ids": encoded}, padding_side="left", return_tensors="pt")
+        input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
+        width = input_ids.shape[1]
+        pads = [width - len(ids) for ids in encoded]
+        cache = self.model.new_cache(len(contexts))
+        prefill = [np.asarray(ids[:-1], dtype=np.int64) for ids in encoded]
+        with tqdm(total=sum(map(len, prefill)), desc="armt prefill", unit="tok", unit_scale=True, leave=False,
+                  disable=disable_tqdm or width < PREFILL_BAR_TOKENS) as progress:
+            for _ in self._stream(prefill, pads, width, progress, cache):
+                pass
+        output = self.model.generate(
+            input_ids=input_ids.to(self._device),
+            attention_mask=attention_mask.to(self._device),
+            cache=cache,
+            max_new_tokens=max_new_tokens,
+            stopping_criteria=stop_sequences_criteria(self.tokenizer, until, width, len(contexts)),
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eot_token_id,
+            **{"do_sample": False, **kwargs},
+        )
+        texts = []
+        for tokens in output[:, width:].tolist():
+            if self.eot_token_id in tokens:
+                tokens = tokens[: tokens.index(self.eot_token_id)]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            texts.append(postprocess_generated_text(text, until, None))
+        return texts
+
+
+def pick_device_or_cpu(device: str | None) -> torch.device:
+    """lm_eval's CLI passes device="cuda:0" by default: fall back to the CPU (with a warning) where CUDA is absent."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        logger.warning("device=%s but this machine has no CUDA device: running on the CPU.", device)
+        return torch.device("cpu")
+    return chosen

@@ -578,7 +578,7 @@ class ARMTArguments:
 
     task: str = field(default="babilong", metadata={
         "choices": ("babilong", "ar"),
-        "help": "babilong: bAbI facts in background text; ar: associative retrieval (default babilong)"})
+        "help": "babilong: bAbI facts in background text; ar: associative retrieval"})
     babilong_task: str = field(default="qa1", metadata={"help": "bAbI task of the offline generator, qa1..qa5"})
     haystack: list[str] | None = field(default=None, metadata={
         "help": 'background text: text files / folders, "austen" (default; Debian r-cran-janeaustenr, see python -m '
@@ -591,9 +591,10 @@ class ARMTArguments:
     answer_prefix: str = field(default="", metadata={
         "help": 'text the answer starts with (default none, the authors\' "GENbathroom"); " " makes the answer the '
         "very token the facts use for the place; BABILong's scoring strips it"})
-    separator: str = field(default="GEN", metadata={"help": "text between question and answer (default GEN, as eval)"})
+    separator: str = field(default="GEN", metadata={
+        "help": "text between question and answer (as eval.babilong's --separator)"})
     tokenizer: str = field(default="gpt2", metadata={
-        "help": '"gpt2" (offline GPT-2 BPE, default) or a tokenizer folder / Hub id'})
+        "help": '"gpt2" (offline GPT-2 BPE) or a tokenizer folder / Hub id'})
     ar_task: str = field(default="remember", metadata={"choices": ("remember", "rewrite"), "help": "AR task"})
     key_size: int = field(default=1, metadata={"help": "AR symbols per key"})
     value_size: int = field(default=1, metadata={"help": "AR symbols per value"})
@@ -603,7 +604,7 @@ class ARMTArguments:
     stage_steps: int | None = field(default=None, metadata={
         "help": "optimizer steps per stage (default: --max-steps split evenly)"})
     segment_sampling: str = field(default="uniform", metadata={
-        "choices": ("uniform", "max"), "help": "per step: uniform in 1..stage max (default), or the stage max"})
+        "choices": ("uniform", "max"), "help": "per step: uniform in 1..stage max, or the stage max"})
     init_from: str | None = field(default=None, metadata={
         "help": "start from an ARMT folder, or wrap a backbone (folder or Hub id) in a fresh ARMT; default: a new "
         "model from scratch"})
@@ -611,17 +612,18 @@ class ARMTArguments:
         "help": "ablation: W_v is zero and frozen, so memory reads return 0 and nothing passes between segments"})
     backbone: str | None = field(default=None, metadata={
         "choices": ("gpt2", "llama"), "help": "from-scratch backbone family (default gpt2)"})
-    hidden_size: int | None = field(default=None, metadata={"help": "default 256"})
-    layers: int | None = field(default=None, metadata={"help": "default 4"})
-    heads: int | None = field(default=None, metadata={"help": "default 4"})
+    hidden_size: int | None = field(default=None, metadata={"help": f"default {MODEL_DEFAULTS['hidden_size']}"})
+    layers: int | None = field(default=None, metadata={"help": f"default {MODEL_DEFAULTS['layers']}"})
+    heads: int | None = field(default=None, metadata={"help": f"default {MODEL_DEFAULTS['heads']}"})
     kv_heads: int | None = field(default=None, metadata={"help": "llama key/value heads (default: --heads)"})
     intermediate_size: int | None = field(default=None, metadata={"help": "MLP width (default 4 x hidden)"})
     vocab_size: int | None = field(default=None, metadata={
         "help": "from-scratch vocabulary (default: the tokenizer's, 50257 for GPT-2; AR: 103)"})
     dropout: float | None = field(default=None, metadata={"help": "backbone dropout (default 0)"})
-    segment_size: int | None = field(default=None, metadata={"help": "tokens per segment (default 512; AR: one pair)"})
-    num_mem_tokens: int | None = field(default=None, metadata={"help": "default 16"})
-    d_mem: int | None = field(default=None, metadata={"help": "default 64"})
+    segment_size: int | None = field(default=None, metadata={
+        "help": f"tokens per segment (default {MODEL_DEFAULTS['segment_size']}; AR: one pair)"})
+    num_mem_tokens: int | None = field(default=None, metadata={"help": f"default {MODEL_DEFAULTS['num_mem_tokens']}"})
+    d_mem: int | None = field(default=None, metadata={"help": f"default {MODEL_DEFAULTS['d_mem']}"})
     final_dir: str | None = field(default=None, metadata={
         "help": "where the final model (and tokenizer) goes (default: --output-dir)"})
     resume: str | None = field(default=None, metadata={
@@ -629,25 +631,32 @@ class ARMTArguments:
         "help": "continue from CHECKPOINT, or (no value) from the latest one in --output-dir if any"})
     bptt_depth: int | None = field(default=None, metadata={
         "metavar": "K", "help": "truncated backprop: gradients through groups of K segments (default: all)"})
-    eval_samples: int = field(default=64, metadata={"help": "evaluation samples (default 64)"})
+    eval_samples: int = field(default=64, metadata={"help": "evaluation samples"})
     eval_segments: int | None = field(default=None, metadata={
         "help": "segments per evaluation sample (default: the curriculum's maximum)"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch"})
 
 
 # train.py's defaults where they differ from TrainingArguments'; --eval-steps 0 means no evaluation
-TRAINING_DEFAULTS = dict(max_steps=1000, learning_rate=3e-4, weight_decay=0.01, logging_steps=10, save_steps=500,
-                         save_total_limit=3, eval_strategy="steps", eval_steps=500, per_device_eval_batch_size=None,
-                         seed=0, report_to="none", remove_unused_columns=False, ddp_find_unused_parameters=True)
+TRAINING_DEFAULTS = dict(max_steps=1000, learning_rate=3e-4, weight_decay=0.01, logging_steps=10, save_total_limit=3,
+                         eval_strategy="steps", eval_steps=500, per_device_eval_batch_size=None, seed=0,
+                         remove_unused_columns=False, ddp_find_unused_parameters=True)
 # flags of earlier versions -> TrainingArguments' names
 OLD_FLAGS = {"--batch-size": "--per_device_train_batch_size", "--eval-batch-size": "--per_device_eval_batch_size",
              "--lr-scheduler": "--lr_scheduler_type", "--dataloader-workers": "--dataloader_num_workers",
              "--gradient-checkpointing": "--activation_checkpointing", "--hub-private": "--hub_private_repo"}
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default (None: the help text says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser((ARMTArguments, TrainingArguments), prog="train.py", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=_HelpFormatter)
     parser.set_defaults(**TRAINING_DEFAULTS)
     return parser
 

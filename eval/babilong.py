@@ -189,7 +189,7 @@ def read_predictions(path: Path, settings: dict) -> PredictionRows:
         with open(path, "r+b") as f:
             f.truncate(cut)
         data = data[:cut]
-    fix = f"pass --overwrite to predict them again, or choose another --output"
+    fix = "pass --overwrite to predict them again, or choose another --output"
     lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
     if not lines:
         return {}

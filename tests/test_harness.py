@@ -149,8 +149,18 @@ def test_entry_point_adds_the_task_folder_unless_an_include_path_is_given():
     assert with_tasks(["run", "--include_path", "mine", "--tasks", "x"]) == ["run", "--include_path", "mine",
                                                                               "--tasks", "x"]
     assert with_tasks(["--help"]) == ["--help"]
+    assert with_tasks(["ls", "tasks"]) == ["ls", "tasks", "--include_path", str(TASKS_DIR)]
     tasks = {p.stem for p in TASKS_DIR.glob("babilong_qa*.yaml")}
     assert tasks == {f"babilong_qa{n}_{length}" for n in range(1, 6) for length in HUB_LENGTHS}
+
+
+def test_a_bad_model_folder_is_a_one_line_error_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["armt-lm-eval"])
+    with pytest.raises(SystemExit) as exit_info:
+        harness_main(["--model", "armt", "--model_args", f"pretrained={tmp_path}", "--device", "cpu",
+                      "--tasks", "babilong_qa1_0k"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --model")
 
 
 HELP_SCRIPT = """

@@ -11,11 +11,11 @@ logger = logging.getLogger(__name__)
 
 
 def with_tasks(argv: list[str]) -> list[str]:
-    """`argv` plus `--include_path TASKS_DIR` for runs that name no include path of their own."""
+    """`argv` plus `--include_path TASKS_DIR` (run, ls and validate all take it) unless it names its own."""
     if any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
         logger.warning("--include_path is given, so this project's BABILong tasks (%s) are not added.", TASKS_DIR)
         return argv
-    if not argv or argv[0] in ("-h", "--help", "ls", "validate") or argv == ["run"]:
+    if not argv or argv[0] in ("-h", "--help") or argv == ["run"]:  # lm_eval's own help pages
         return argv
     return [*argv, "--include_path", str(TASKS_DIR)]
 

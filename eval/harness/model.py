@@ -38,7 +38,7 @@ class ARMTLM(TemplateLM):
         pretrained: str,
         tokenizer: str | None = None,
         batch_size: int | str = 1,
-        max_batch_size: int | None = None,
+        max_batch_size: int | None = None,  # passed by lm_eval for "auto" batch sizes, which armt does not use
         device: str | None = None,
         dtype: str = "auto",
         chunk_size: int | None = None,
@@ -207,7 +207,7 @@ class ARMTLM(TemplateLM):
 
     def _generate(self, contexts: list[str], until: list[str], max_new_tokens: int, kwargs: dict,
                   disable_tqdm: bool) -> list[str]:
-        encoded = [self.encode(context).tolist() for context in contexts]
+        encoded = [self.encode(context).tolist() or [self.prefix_token_id] for context in contexts]
         padded = self.tokenizer.pad({"input_ids": encoded}, padding_side="left", return_tensors="pt")
         input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
         width = input_ids.shape[1]

@@ -12,7 +12,6 @@ writes its files once into ~/.cache/armt-eval/harness-babilong (or $ARMT_EVAL_CA
 from __future__ import annotations
 
 import hashlib
-import logging
 from itertools import islice
 from pathlib import Path
 
@@ -22,8 +21,6 @@ from ..data import (HUB_DATASETS, count_records, data_file, generate_data, hub_r
 from ..metrics import score
 from ..prompts import RAW_SEPARATOR, raw_prompt_parts
 from . import PIECE_BREAK
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_SAMPLES = 100
 

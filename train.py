@@ -4,6 +4,10 @@
     python train.py --task ar --ar-task rewrite --key-size 1 --value-size 1 --segment-size 4 --output-dir DIR
     accelerate launch train.py ...   # the same script, any number of processes / GPUs
 
+Options: train.py's own (ARMTArguments: data, curriculum, model) and every TrainingArguments option, read by
+HfArgumentParser (--learning_rate or --learning-rate). Earlier names still work: --batch-size, --eval-batch-size,
+--lr-scheduler, --dataloader-workers, --gradient-checkpointing, --hub-private.
+
 Data is generated on the fly and fully determined by (--seed, sample index), so a run resumed with --resume sees
 exactly the batches it would have seen without the interruption. BABILong samples are laid out as the memory
 models read them at evaluation (eval/babilong.py --prompt raw): input + question + separator + answer + EOS, with

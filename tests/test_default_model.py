@@ -6,6 +6,7 @@ evaluation does not use (`SampleBuilder(load_haystack("austen", tokenizer), toke
 shipped model answers: if a change to the model code or the weights breaks them, this test says so.
 """
 
+import configparser
 import json
 
 import torch
@@ -29,6 +30,13 @@ def test_the_folder_is_self_contained_small_and_carries_the_repositorys_code():
         assert (DEFAULT / name).read_text() == (ROOT / name).read_text(), f"{name}: copy the repository's file"
     assert json.loads((DEFAULT / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].startswith(
         "modeling_armt.")
+
+
+def test_the_model_cards_license_is_the_packages():
+    card = (DEFAULT / "README.md").read_text().split("---\n")[1]  # the YAML front matter
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    assert f"license: {setup['metadata']['license'].lower()}" in card.splitlines()
 
 
 def test_the_default_model_loads_as_remote_code_and_answers_fixed_qa1_samples_at_0k_and_16k():

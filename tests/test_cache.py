@@ -1,5 +1,8 @@
 """ARMTCache and streaming generate(): chunking invariance, generation, beams, padding, independence, persistence."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_armt
@@ -200,3 +203,66 @@ def test_a_given_cache_stays_consistent_even_with_use_cache_false():
         continued = model(ids[:, 11:], cache=cache).logits
         full = model(ids).logits
     torch.testing.assert_close(continued, full[:, 11:], atol=1e-5, rtol=0)
+
+
+def _saved_cache(tmp_path, length=13):
+    model = tiny_armt("llama")
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        model(random_ids(model.config.vocab_size, 2, length), cache=cache)
+    path = tmp_path / "cache.safetensors"
+    cache.save(path)
+    return model, path
+
+
+def _rewrite(path, change):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    change(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("change", "phrase"),
+    [
+        (lambda t, m: t.update(memory_written=torch.zeros(100_000, dtype=torch.bool)), "batch=100000"),
+        (lambda t, m: t["A.0"].__setitem__((0, 0, 0), float("nan")), "A.0 holds NaN"),
+        (lambda t, m: t.update({"A.1": t["A.1"].double()}), "A.1 is F64"),
+        (lambda t, m: t.pop("z.0"), "missing"),
+        (lambda t, m: t["row_tokens"].__setitem__(0, 3), "memory_written disagrees"),
+        (lambda t, m: m.update(seen_tokens="2"), "seen_tokens=2"),
+        (lambda t, m: t.update({"segment.0.keys": t["segment.0.keys"][:, :, :2].contiguous()}), "different lengths"),
+    ],
+)
+def test_load_refuses_a_corrupted_cache_file_naming_the_problem(tmp_path, change, phrase):
+    """Checked against the config before anything is allocated (a 100 KB `memory_written` made a 1.2 GB cache)."""
+    model, path = _saved_cache(tmp_path)
+    _rewrite(path, change)
+    with pytest.raises(ValueError, match=re.escape(phrase)):
+        ARMTCache.load(path, model.config)
+
+
+def test_save_is_atomic_and_refuses_symlinks_and_device_files(tmp_path, monkeypatch):
+    import modeling_armt
+
+    model, path = _saved_cache(tmp_path)
+    before = path.read_bytes()
+    cache = model.new_cache(2)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(path)
+    for target in (link, Path("/dev/null")):
+        with pytest.raises(ValueError, match="symlink or not a regular file"):
+            cache.save(target)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(modeling_armt, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        cache.save(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["cache.safetensors",
+                                                                                          "link.safetensors"]

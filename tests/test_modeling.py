@@ -191,3 +191,48 @@ def test_config_round_trip_keeps_backbone_class(tmp_path):
     assert type(reloaded.base_config) is type(config.base_config)
     assert reloaded.base_config.to_dict() == config.base_config.to_dict()
     assert (reloaded.num_mem_tokens, reloaded.d_mem, reloaded.segment_size) == (2, 4, 16)
+
+
+def test_per_layer_checkpointing_on_the_backbone_is_refused():
+    model = tiny_armt("llama").train()
+    model.backbone.activation_checkpointing_enable()
+    ids = random_ids(model, length=20)
+    with pytest.raises(ValueError, match="activation_checkpointing_enable\\(\\) on the ARMT model"):
+        model(ids, labels=ids)
+    with torch.no_grad():  # inference recomputes nothing
+        model(ids)
+
+
+def test_hooks_act_only_for_their_own_model():
+    """Inside one model's step another model's layers run as stock layers; a deep copy hooks its own layers."""
+    import copy
+
+    model, other = tiny_armt("llama", seed=0), tiny_armt("llama", seed=1)
+    ids = random_ids(model, length=20)
+    with torch.no_grad():
+        plain = other.backbone(ids).logits
+        written = model(ids[:, :12]).cache  # one segment written: memory reads are on
+        A, z = written.memory_state()
+        with model.memory_injector.step(A, z, written.memory_written, True, 0):
+            assert torch.equal(other.backbone(ids).logits, plain)
+        twin = copy.deepcopy(model)
+        torch.testing.assert_close(twin(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_empty_logits_to_keep_returns_empty_logits():
+    model = tiny_armt("gpt2")
+    ids = random_ids(model, length=20)
+    with torch.no_grad():
+        out = model(ids, logits_to_keep=torch.empty(0, dtype=torch.long))
+    assert out.logits.shape == (ids.shape[0], 0, model.config.vocab_size)
+    assert out.cache.get_seq_length() == 20
+
+
+def test_decoder_layers_are_found_by_the_backbone_layer_class():
+    from modeling_armt import find_decoder_layers
+
+    model = tiny_armt("llama")
+    layers = find_decoder_layers(model.backbone)
+    assert layers is model.backbone.model.layers
+    model.backbone.model.decoys = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in layers)  # right length, wrong class
+    assert find_decoder_layers(model.backbone) is layers

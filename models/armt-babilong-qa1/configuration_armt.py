@@ -6,8 +6,9 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-# Backbone families whose positions come from a learned table, and that table's size field.
-LEARNED_POSITION_FIELDS = {"gpt2": "n_positions"}
+# Backbone families whose positions come from a learned table: the config field of its size and the name of the
+# table's module under the backbone's base model. The one place this knowledge lives.
+LEARNED_POSITION_TABLES = {"gpt2": ("n_positions", "wpe")}
 MEMORY_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -120,11 +121,11 @@ class ARMTConfig(PreTrainedConfig):
                     f"[0, {num_layers}) (None: every layer), got {layers!r}."
                 )
             self.layers_with_memory = list(layers)
-        table_field = LEARNED_POSITION_FIELDS.get(base.model_type)
+        table_field = LEARNED_POSITION_TABLES.get(base.model_type, (None,))[0]
         if self.wrap_pos and table_field is None:
             raise ValueError(
                 f"ARMTConfig.wrap_pos needs a backbone with a learned position table "
-                f"({', '.join(LEARNED_POSITION_FIELDS)}); {base.model_type!r} has none. Set wrap_pos=False."
+                f"({', '.join(LEARNED_POSITION_TABLES)}); {base.model_type!r} has none. Set wrap_pos=False."
             )
         if table_field is not None:
             table_size = getattr(base, table_field)

@@ -11,11 +11,14 @@ forward hooks on its decoder layers that act only inside an ARMT forward (throug
 otherwise.
 """
 
+import contextlib
 import contextvars
 import copy
 import json
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +33,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
 try:
-    from .configuration_armt import ARMTConfig
+    from .configuration_armt import LEARNED_POSITION_TABLES, ARMTConfig
 except ImportError:  # imported as a top-level module (pip install, tests) rather than as Hub remote code
-    from configuration_armt import ARMTConfig
+    from configuration_armt import LEARNED_POSITION_TABLES, ARMTConfig
 
 logger = logging.get_logger(__name__)
 
@@ -76,11 +79,13 @@ class ARMTMemoryLayer(nn.Module):
         """y = phi(W_q h) A / (phi(W_q h) . z + eps) (no division without a denominator); returns h + y in h's
         dtype."""
         q = self.features(self.q_proj(hidden_states))  # (B, T, d_key)
-        if z is not None:
-            q = q / (q @ z.unsqueeze(-1)).add_(self.eps)  # the normaliser scales q's rows: d_key columns, not d_model
-        if hidden_states.dtype == A.dtype:
-            return torch.baddbmm(hidden_states, q, A)
-        return hidden_states + torch.bmm(q, A).to(hidden_states.dtype)
+        if z is None:
+            if hidden_states.dtype == A.dtype:
+                return torch.baddbmm(hidden_states, q, A)
+            return hidden_states + torch.bmm(q, A).to(hidden_states.dtype)
+        # divide after the product: q / (q . z + eps) first overflows float16 where q . z = 0 (inf * 0 = NaN)
+        y = torch.bmm(q, A) / (q @ z.unsqueeze(-1)).add_(self.eps)
+        return hidden_states + y.to(hidden_states.dtype)
 
     def write(
         self, memory_states: torch.Tensor, A: torch.Tensor, z: torch.Tensor | None, written: torch.Tensor
@@ -150,6 +155,7 @@ class ARMTCache(Cache):
         super().__init__(layers=layers)
         self.memory_layer_indices = config.memory_layer_indices
         self.use_denominator = config.use_denominator
+        self.wrap_pos = config.wrap_pos
         self.num_mem_tokens = config.num_mem_tokens
         self.segment_size = config.segment_size
         self.d_key = d_key
@@ -266,7 +272,11 @@ class ARMTCache(Cache):
         self._index_rows(torch.arange(self.batch_size).repeat_interleave(repeats))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the whole state (memory, unfinished segment, counters) to a safetensors file."""
+        """Write the whole state (memory, unfinished segment, counters) to a safetensors file, atomically (a temporary
+        file beside it, renamed at the end). A symlink or anything but a regular file at `path` is refused."""
+        path = Path(path)
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise ValueError(f"{path} is a symlink or not a regular file; the cache is saved only to a regular file.")
         tensors = {"memory_written": self.memory_written, "row_tokens": self.row_tokens}
         for idx, layer in enumerate(self.layers):
             tensors[f"A.{idx}"] = layer.A
@@ -283,34 +293,49 @@ class ARMTCache(Cache):
             "shape": json.dumps([len(self.layers), self.d_key, self.d_model, self.segment_size, self.num_mem_tokens]),
             "signature": json.dumps(self._signature()),
         }
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary, metadata=metadata)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, config: ARMTConfig, device: torch.device | str | None = None) -> "ARMTCache":
-        """Read a cache written by `save`; ValueError if it does not fit a model with `config`."""
+        """Read a cache written by `save`. Everything is checked against `config` (names, shapes and dtypes before any
+        tensor is read; then finiteness and counters): ValueError naming the first problem."""
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != "armt-cache-v1":
                 raise ValueError(f"{path} is not an ARMT cache file (no 'armt-cache-v1' metadata).")
+            try:
+                num_layers, d_key, d_model, segment_size, num_mem_tokens = json.loads(metadata["shape"])
+                seen_tokens = int(metadata["seen_tokens"])
+                found = (
+                    tuple(tuple(v) if isinstance(v, list) else v for v in json.loads(metadata["signature"]))
+                    if "signature" in metadata  # else written before layers_with_memory / use_denominator / memory_dtype
+                    else (tuple(range(num_layers)), d_key, d_model, segment_size, num_mem_tokens, True, "float32")
+                )
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"{path}: unreadable ARMT cache metadata ({error}).") from error
+            expected = _cache_signature(config)
+            if found != expected:
+                raise ValueError(
+                    f"The cache in {path} has ({_SIGNATURE_FIELDS}) = {found}, but the model expects {expected}: it "
+                    "was saved from another model."
+                )
+            _check_cache_layout(path, config, {key: handle.get_slice(key) for key in handle.keys()})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        num_layers, d_key, d_model, segment_size, num_mem_tokens = json.loads(metadata["shape"])
-        expected = _cache_signature(config)
-        if "signature" in metadata:
-            found = tuple(tuple(v) if isinstance(v, list) else v for v in json.loads(metadata["signature"]))
-        else:  # written before layers_with_memory / use_denominator / memory_dtype existed: every layer, float32 A and z
-            found = (tuple(range(num_layers)), d_key, d_model, segment_size, num_mem_tokens, True, "float32")
-        if found != expected:
-            raise ValueError(
-                f"The cache in {path} has ({_SIGNATURE_FIELDS}) = {found}, but the model expects {expected}: it was "
-                "saved from another model."
-            )
+        _check_cache_values(path, config, tensors, seen_tokens)
         cache = cls(config, int(tensors["memory_written"].shape[0]), device=device)
         for idx, layer in enumerate(cache.layers):
             layer.A = tensors[f"A.{idx}"].to(device)
             layer.z = tensors[f"z.{idx}"].to(device) if config.use_denominator else None
         cache.memory_written = tensors["memory_written"].to(device)
         cache.row_tokens = tensors["row_tokens"]
-        cache.seen_tokens = int(metadata["seen_tokens"])
+        cache.seen_tokens = seen_tokens
         for idx in range(config.num_hidden_layers):  # the segment's keys/values: every backbone layer
             if f"segment.{idx}.keys" in tensors:
                 keys, values = tensors[f"segment.{idx}.keys"].to(device), tensors[f"segment.{idx}.values"].to(device)
@@ -318,6 +343,119 @@ class ARMTCache(Cache):
         if "segment_mask" in tensors:
             cache.segment_mask = tensors["segment_mask"].to(device)
         return cache
+
+    # ------------------------------------------------------------------ what a forward asks of the cache, piece by piece
+
+    def memory_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Per memory layer, A and z (z None without a denominator)."""
+        return [layer.A for layer in self.layers], [layer.z for layer in self.layers]
+
+    def detach_memory_(self) -> None:
+        """Cut the autograd history of A and z (truncated backpropagation through time); values stay."""
+        for layer in self.layers:
+            layer.A = layer.A.detach()
+            layer.z = None if layer.z is None else layer.z.detach()
+
+    def next_piece(self, real: torch.Tensor | None, start: int, length: int) -> tuple[int, torch.Tensor | None]:
+        """Where the next backbone call over columns [start, length) of an input ends: at the first column where
+        some row's segment fills, or the input's end. Returns (end, rows whose segment fills at end - 1 as a CPU bool
+        tensor, or None). `real` (B, length) marks real tokens (None: all are)."""
+        need = self.segment_size - self.segment_fill  # real tokens each row still needs, (B,)
+        if real is None:
+            end = min(length, start + int(need.min()))
+            rows = need == end - start
+        else:
+            count = real[:, start:].cumsum(1)
+            hits = (count == need.unsqueeze(1)) & real[:, start:]
+            hit_any = hits.any(1)
+            if not bool(hit_any.any()):
+                return length, None
+            first_col = torch.where(hit_any, hits.long().argmax(1), length)
+            end = start + int(first_col.min()) + 1
+            rows = hit_any & (first_col == end - start - 1)
+        return end, (rows if bool(rows.any()) else None)
+
+    def begin_piece(
+        self, num_tokens: int, real: torch.Tensor | None, write_rows: torch.Tensor | None, use_cache: bool,
+        device: torch.device,
+    ) -> "_Piece":
+        """Positions, mask and key/value cache for a backbone call over `num_tokens` new columns (`real`: which are
+        real tokens, None: all), followed by the memory tokens when `write_rows` (rows whose segment ends) is given."""
+        write = write_rows is not None
+        if real is None and self.is_aligned:
+            piece = self._aligned_piece(num_tokens, write, use_cache, device)
+        else:
+            piece = self._ragged_piece(num_tokens, real, write_rows, device)
+        piece.written, piece.read = self.memory_written, self.has_memory
+        return piece
+
+    def _aligned_piece(self, num_tokens: int, write: bool, use_cache: bool, device: torch.device) -> "_Piece":
+        """All rows at the same place of their segments and no padding: positions come from the key/value cache."""
+        in_segment = self._segment_length()
+        segment_cache = self.segment_cache if (in_segment or (use_cache and not write)) else None
+        position_ids = attention_mask = None
+        if write and self.wrap_pos:
+            # explicit positions (memory rows replaced by the hook) need a mask, or they would read as packed sequences
+            positions = torch.arange(in_segment, in_segment + num_tokens, device=device)
+            position_ids = self._memory_position_ids(positions.expand(self.batch_size, -1), True)
+            attention_mask = torch.ones(
+                self.batch_size, in_segment + position_ids.shape[1], dtype=torch.long, device=device
+            )
+        return _Piece(num_tokens, write, None, position_ids, attention_mask, segment_cache, advance=None)
+
+    def _ragged_piece(
+        self, num_tokens: int, real: torch.Tensor | None, write_rows: torch.Tensor | None, device: torch.device
+    ) -> "_Piece":
+        """Rows at different places of their segments, or padding: explicit per-row positions and masks."""
+        write = write_rows is not None
+        real = torch.ones(self.batch_size, num_tokens, dtype=torch.bool) if real is None else real
+        count = real.long().cumsum(1)
+        positions = (self.segment_fill.unsqueeze(1) + count - 1).clamp(min=0)
+        positions = torch.where(real, positions, 0)
+        position_ids = self._memory_position_ids(positions.to(device), write)
+        past_mask = (
+            self.segment_mask
+            if self.segment_mask is not None
+            else torch.ones(self.batch_size, self._segment_length(), dtype=torch.long, device=device)
+        )
+        kept_mask = torch.cat([past_mask, real.long().to(device)], dim=1)
+        attention_mask = kept_mask
+        if write:
+            memory_mask = torch.ones(self.batch_size, self.num_mem_tokens, dtype=torch.long, device=device)
+            attention_mask = torch.cat([kept_mask, memory_mask], dim=1)
+        rows = write_rows.to(device) if write else None
+        return _Piece(num_tokens, write, rows, position_ids, attention_mask, self.segment_cache, advance=count[:, -1],
+                      kept_mask=kept_mask)
+
+    def _memory_position_ids(self, positions: torch.Tensor, write: bool) -> torch.Tensor:
+        """Append memory-token positions (right after each row's tokens; 0 under wrap_pos, whose hook replaces them)."""
+        if not write:
+            return positions
+        if self.wrap_pos:
+            memory = positions.new_zeros(positions.shape[0], self.num_mem_tokens)
+        else:
+            memory = positions[:, -1:] + 1 + torch.arange(self.num_mem_tokens, device=positions.device)
+        return torch.cat([positions, memory], dim=1)
+
+    def end_piece(self, piece: "_Piece", A: list[torch.Tensor], z: list[torch.Tensor | None]) -> None:
+        """Take the memory state after `piece` and advance every row's counters by what it read."""
+        for layer, layer_A, layer_z in zip(self.layers, A, z):
+            layer.A, layer.z = layer_A, layer_z
+        self.seen_tokens += piece.num_tokens
+        if piece.advance is None:  # aligned
+            self.row_tokens += piece.num_tokens
+            if piece.write:
+                self.memory_written = torch.ones_like(self.memory_written)
+                self._drop_segment()
+            return
+        if piece.write:
+            self.segment_cache.crop(-self.num_mem_tokens)  # the memory tokens' keys/values belong to no segment
+        self.segment_mask = piece.kept_mask
+        self.row_tokens += piece.advance
+        if piece.write:
+            self.segment_mask[piece.write_rows] = 0
+            self.memory_written = self.memory_written | piece.write_rows
+        self._trim_segment()
 
     def crop(self, max_length: int) -> None:
         """Drop tokens of the current segment so that `max_length` tokens remain (negative: remove that many).
@@ -337,6 +475,83 @@ class ARMTCache(Cache):
         self.seen_tokens = max_length
 
 
+def _check_cache_layout(path, config: ARMTConfig, slices: dict) -> None:
+    """Names, shapes and dtypes of a cache file's tensors against `config`, before any tensor is read."""
+
+    def shape(key):
+        return tuple(slices[key].get_shape())
+
+    def dtype(key):
+        return slices[key].get_dtype()
+
+    if "memory_written" not in slices or len(shape("memory_written")) != 1:
+        raise ValueError(f"{path}: no (batch,) `memory_written` tensor; not a cache written by ARMTCache.save.")
+    batch = shape("memory_written")[0]
+    memory_dtype = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[config.memory_dtype]
+    expected = {"memory_written": ((batch,), {"BOOL"}), "row_tokens": ((batch,), {"I64"})}
+    for idx in range(len(config.memory_layer_indices)):
+        expected[f"A.{idx}"] = ((batch, config.d_key, config.hidden_size), {memory_dtype})
+        if config.use_denominator:
+            expected[f"z.{idx}"] = ((batch, config.d_key), {memory_dtype})
+    lengths = set()
+    for idx in range(config.num_hidden_layers):
+        if f"segment.{idx}.keys" in slices:
+            keys = shape(f"segment.{idx}.keys")
+            if len(keys) != 4 or keys[0] != batch:
+                raise ValueError(f"{path}: segment.{idx}.keys has shape {keys}, not (batch={batch}, heads, tokens, dim).")
+            lengths.add(keys[2])
+            for part in ("keys", "values"):
+                expected[f"segment.{idx}.{part}"] = (shape(f"segment.{idx}.{part}")[:2] + (keys[2],) +
+                                                     shape(f"segment.{idx}.{part}")[3:], {"F32", "BF16", "F16"})
+    if len(lengths) > 1:
+        raise ValueError(f"{path}: the segment's keys/values have different lengths per layer ({sorted(lengths)}).")
+    if "segment_mask" in slices:
+        expected["segment_mask"] = ((batch, next(iter(lengths), 0)), {"I64", "I32", "BOOL"})
+    unexpected = sorted(set(slices) - set(expected))
+    missing = sorted(set(expected) - set(slices))
+    if unexpected or missing:
+        raise ValueError(f"{path}: tensors {unexpected} are unexpected and {missing} missing for this model's config.")
+    for key, (want_shape, dtypes) in expected.items():
+        if shape(key) != want_shape or dtype(key) not in dtypes:
+            raise ValueError(
+                f"{path}: {key} is {dtype(key)} {shape(key)}, expected {'/'.join(sorted(dtypes))} {want_shape}."
+            )
+
+
+def _check_cache_values(path, config: ARMTConfig, tensors: dict, seen_tokens: int) -> None:
+    """Finite memory and keys/values, and counters that agree with each other."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: {key} holds NaN or infinite values.")
+    row_tokens, written = tensors["row_tokens"], tensors["memory_written"]
+    if bool((row_tokens < 0).any()) or bool((row_tokens > seen_tokens).any()):
+        raise ValueError(f"{path}: row_tokens {row_tokens.tolist()} must lie in [0, seen_tokens={seen_tokens}].")
+    if not torch.equal(written, row_tokens >= config.segment_size):
+        raise ValueError(f"{path}: memory_written disagrees with row_tokens (a row has memory once it read a segment).")
+    length = next((t.shape[2] for key, t in tensors.items() if key.endswith(".keys")), 0)
+    fill = row_tokens % config.segment_size
+    if "segment_mask" not in tensors and bool((fill != length).any()) and not (length == 0 and bool((fill == 0).all())):
+        raise ValueError(f"{path}: the segment holds {length} keys/values but the rows have read {fill.tolist()} "
+                         "tokens of their current segment.")
+
+
+@dataclass
+class _Piece:
+    """One backbone call of a forward, as laid out by the cache: `num_tokens` new columns, then the memory tokens
+    when `write` (for the rows `write_rows`; None: all rows)."""
+
+    num_tokens: int
+    write: bool
+    write_rows: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    segment_cache: DynamicCache | None
+    advance: torch.Tensor | None  # (B,) real tokens each row read; None when every row read num_tokens (aligned)
+    kept_mask: torch.Tensor | None = None  # (B, kv length) validity of the segment's keys/values after the call
+    written: torch.Tensor | None = None  # (B,) rows whose memory held something before the call
+    read: bool = False  # some row reads memory (kept here: a checkpointed recomputation must see the same)
+
+
 _SIGNATURE_FIELDS = "memory layers, d_key, d_model, segment_size, num_mem_tokens, use_denominator, memory_dtype"
 
 
@@ -350,75 +565,117 @@ def _cache_signature(config: ARMTConfig) -> tuple:
 
 @dataclass
 class _MemoryStep:
-    """What the layer hooks need during one backbone call."""
+    """What the hooks need during one backbone call of one model."""
 
+    layer_index: dict[int, int]  # id(decoder layer) -> index of its memory layer, for this model's layers only
     memory_layers: nn.ModuleList
     A: list[torch.Tensor]
-    z: list[torch.Tensor]
+    z: list[torch.Tensor | None]
     written: torch.Tensor
     read: bool  # any row holds memory
     num_memory: int  # memory tokens at the end of this call (0 when no segment ends here)
     write_rows: torch.Tensor | None  # (B,) rows whose segment ends here; None: all rows
+    position_module: nn.Module | None  # wrap_pos: the learned position table whose memory rows are replaced
     memory_positions: torch.Tensor | None  # (M, d_model) wrap_pos rows, else None
-    new_A: list[torch.Tensor | None]
+    new_A: list[torch.Tensor]
     new_z: list[torch.Tensor | None]
 
 
 _ACTIVE_STEP: contextvars.ContextVar[_MemoryStep | None] = contextvars.ContextVar("armt_active_step", default=None)
 
 
-def _memory_read_hook(layer_idx: int):
-    def hook(module, args, kwargs):
-        step = _ACTIVE_STEP.get()
-        if step is None or not step.read:
-            return None
-        read = step.memory_layers[layer_idx].read
-        if args:
-            return (read(args[0], step.A[layer_idx], step.z[layer_idx]),) + tuple(args[1:]), kwargs
-        kwargs["hidden_states"] = read(kwargs["hidden_states"], step.A[layer_idx], step.z[layer_idx])
-        return args, kwargs
-
-    return hook
-
-
-def _memory_write_hook(layer_idx: int):
-    def hook(module, args, kwargs, output):
-        step = _ACTIVE_STEP.get()
-        if step is None or not step.num_memory:
-            return None
-        hidden_states = output[0] if isinstance(output, tuple) else output
-        A, z = step.A[layer_idx], step.z[layer_idx]
-        new_A, new_z = step.memory_layers[layer_idx].write(hidden_states[:, -step.num_memory :], A, z, step.written)
-        if step.write_rows is not None:
-            new_A = torch.where(step.write_rows.view(-1, 1, 1), new_A, A)
-            if z is not None:
-                new_z = torch.where(step.write_rows.view(-1, 1), new_z, z)
-        step.new_A[layer_idx], step.new_z[layer_idx] = new_A, new_z
+def _memory_read_hook(module, args, kwargs):
+    """Before a decoder layer: h + read(h). A no-op outside an ARMT step and for layers of another model."""
+    step = _ACTIVE_STEP.get()
+    idx = None if step is None or not step.read else step.layer_index.get(id(module))
+    if idx is None:
         return None
+    read = step.memory_layers[idx].read
+    if args:
+        return (read(args[0], step.A[idx], step.z[idx]),) + tuple(args[1:]), kwargs
+    kwargs["hidden_states"] = read(kwargs["hidden_states"], step.A[idx], step.z[idx])
+    return args, kwargs
 
-    return hook
+
+def _memory_write_hook(module, args, kwargs, output):
+    """After a decoder layer: the memory tokens' outputs write A and z (rows `write_rows` only)."""
+    step = _ACTIVE_STEP.get()
+    idx = None if step is None or not step.num_memory else step.layer_index.get(id(module))
+    if idx is None:
+        return None
+    hidden_states = output[0] if isinstance(output, tuple) else output
+    A, z = step.A[idx], step.z[idx]
+    new_A, new_z = step.memory_layers[idx].write(hidden_states[:, -step.num_memory :], A, z, step.written)
+    if step.write_rows is not None:
+        new_A = torch.where(step.write_rows.view(-1, 1, 1), new_A, A)
+        if z is not None:
+            new_z = torch.where(step.write_rows.view(-1, 1), new_z, z)
+    step.new_A[idx], step.new_z[idx] = new_A, new_z
+    return None
 
 
 def _position_rows_hook(module, args, output):
     """wrap_pos: memory tokens take the extra learned position rows instead of the rows after the segment."""
     step = _ACTIVE_STEP.get()
-    if step is None or step.memory_positions is None or not step.num_memory:
+    if step is None or step.position_module is not module or not step.num_memory:
         return None
-    num_memory = step.num_memory
     rows = step.memory_positions.to(output.dtype).expand(output.shape[0], -1, -1)
-    return torch.cat([output[:, :-num_memory], rows], dim=1)
+    return torch.cat([output[:, : -step.num_memory], rows], dim=1)
 
 
 def find_decoder_layers(backbone: PreTrainedModel) -> nn.ModuleList:
-    """The backbone's list of decoder layers: the outermost ModuleList with one entry per hidden layer."""
+    """The backbone's list of decoder layers: the outermost ModuleList of `num_hidden_layers` modules of the
+    backbone's decoder-layer class (`_no_split_modules`; without it, of one class)."""
     num_layers = backbone.config.num_hidden_layers
+    layer_classes = set(getattr(backbone, "_no_split_modules", None) or [])
     for _, module in backbone.base_model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+        if not isinstance(module, nn.ModuleList) or len(module) != num_layers:
+            continue
+        names = {type(layer).__name__ for layer in module}
+        if (names <= layer_classes) if layer_classes else len(names) == 1:
             return module
     raise ValueError(
-        f"Could not find the decoder layer list of {type(backbone).__name__}: no ModuleList of "
-        f"{num_layers} layers under its base model."
+        f"Could not find the decoder layer list of {type(backbone).__name__}: no ModuleList of {num_layers} "
+        f"{' / '.join(sorted(layer_classes)) or 'same-class'} layers under its base model."
     )
+
+
+class ARMTMemoryInjector:
+    """Puts a model's associative memory into its backbone: forward hooks on the decoder layers that carry memory
+    (and, with wrap_pos, on the learned position table), active only inside `step()` of this model."""
+
+    def __init__(self, backbone: PreTrainedModel, memory_layers: nn.ModuleList, config: ARMTConfig):
+        self.memory_layers = memory_layers
+        self.decoder_layers = find_decoder_layers(backbone)
+        self.layers = [self.decoder_layers[i] for i in config.memory_layer_indices]
+        self.handles = []
+        for layer in self.layers:
+            self.handles.append(layer.register_forward_pre_hook(_memory_read_hook, with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(_memory_write_hook, with_kwargs=True))
+        self.position_module = None
+        if config.wrap_pos:
+            table = LEARNED_POSITION_TABLES[config.base_config.model_type][1]
+            self.position_module = getattr(backbone.base_model, table)
+            self.handles.append(self.position_module.register_forward_hook(_position_rows_hook))
+
+    @contextlib.contextmanager
+    def step(
+        self, A: list[torch.Tensor], z: list[torch.Tensor | None], written: torch.Tensor, read: bool, num_memory: int,
+        write_rows: torch.Tensor | None = None, memory_positions: torch.Tensor | None = None,
+    ):
+        """Within this context the backbone reads (and, with `num_memory` memory tokens at the end of its input,
+        writes) the memory; yields the step, whose `new_A` / `new_z` hold the state after the call."""
+        # The layers are looked up by identity at call time, so a deep copy of the model hooks its own layers.
+        step = _MemoryStep(
+            layer_index={id(layer): i for i, layer in enumerate(self.layers)}, memory_layers=self.memory_layers,
+            A=A, z=z, written=written, read=read, num_memory=num_memory, write_rows=write_rows,
+            position_module=self.position_module, memory_positions=memory_positions, new_A=list(A), new_z=list(z),
+        )
+        token = _ACTIVE_STEP.set(step)
+        try:
+            yield step
+        finally:
+            _ACTIVE_STEP.reset(token)
 
 
 class ARMTPreTrainedModel(PreTrainedModel):
@@ -471,12 +728,7 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
         # memory_layers[i] belongs to backbone layer config.memory_layer_indices[i]; other layers run as they are
         self.memory_layers = nn.ModuleList(ARMTMemoryLayer(config) for _ in config.memory_layer_indices)
         self.gradient_checkpointing = False
-        decoder_layers = find_decoder_layers(self.backbone)
-        for idx, layer_idx in enumerate(config.memory_layer_indices):
-            decoder_layers[layer_idx].register_forward_pre_hook(_memory_read_hook(idx), with_kwargs=True)
-            decoder_layers[layer_idx].register_forward_hook(_memory_write_hook(idx), with_kwargs=True)
-        if config.wrap_pos:
-            self.backbone.base_model.wpe.register_forward_hook(_position_rows_hook)
+        self.memory_injector = ARMTMemoryInjector(self.backbone, self.memory_layers, config)
         self.post_init()
 
     @classmethod
@@ -528,93 +780,39 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             )
 
     def _run_backbone(
-        self,
-        embeds: torch.Tensor,
-        written: torch.Tensor,
-        read: bool,
-        A: list[torch.Tensor],
-        z: list[torch.Tensor],
-        keep: torch.Tensor | None,
-        write: bool,
-        write_rows: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        segment_cache: DynamicCache | None = None,
-    ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
-        """One backbone call over a piece of a segment (plus the memory tokens when `write`), with memory read in
-        every layer; returns the logits at the positions `keep` and the memory state after the call."""
-        num_memory = self.config.num_mem_tokens if write else 0
-        if write:
+        self, embeds: torch.Tensor, piece: _Piece, A: list, z: list, keep: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor | None]]:
+        """One backbone call over a piece of a segment (plus the memory tokens when `piece.write`), with memory read
+        in every memory layer; returns the logits at the positions `keep` and the memory state after the call."""
+        num_memory = self.config.num_mem_tokens if piece.write else 0
+        if piece.write:
             memory = self.memory_embeddings.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
             embeds = torch.cat([embeds, memory], dim=1)
-        step = _MemoryStep(
-            memory_layers=self.memory_layers,
-            A=A,
-            z=z,
-            written=written,
-            read=read,
-            num_memory=num_memory,
-            write_rows=write_rows,
-            memory_positions=self.memory_position_embeddings,
-            new_A=list(A),
-            new_z=list(z),
-        )
-        token = _ACTIVE_STEP.set(step)
-        try:
+        with self.memory_injector.step(
+            A, z, piece.written, piece.read, num_memory, piece.write_rows, self.memory_position_embeddings
+        ) as step:
             outputs = self.backbone(
                 inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=segment_cache,
-                use_cache=segment_cache is not None,
+                attention_mask=piece.attention_mask,
+                position_ids=piece.position_ids,
+                cache=piece.segment_cache,
+                use_cache=piece.segment_cache is not None,
                 logits_to_keep=keep if keep is not None else torch.empty(0, dtype=torch.long, device=embeds.device),
             )
-        finally:
-            _ACTIVE_STEP.reset(token)
         return (outputs.logits if keep is not None else None), step.new_A, step.new_z
 
-    def _checkpointed_segment(self, embeds, written, read, A, z, keep, position_ids, attention_mask):
+    def _checkpointed_segment(self, embeds, piece, A, z, keep):
         """A whole segment with its memory write under gradient checkpointing (the hooks run again on recompute)."""
         num_layers = len(A)
 
         def run(embeds, *state):
             logits, new_A, new_z = self._run_backbone(
-                embeds, written, read, list(state[:num_layers]), list(state[num_layers:]), keep, True,
-                attention_mask=attention_mask, position_ids=position_ids,
+                embeds, piece, list(state[:num_layers]), list(state[num_layers:]), keep
             )
             return (logits, *new_A, *new_z)
 
         outputs = self._gradient_checkpointing_func(run, embeds, *A, *z, use_reentrant=False)
         return outputs[0], list(outputs[1 : 1 + num_layers]), list(outputs[1 + num_layers :])
-
-    def _next_piece(self, cache: ARMTCache, real: torch.Tensor | None, start: int, length: int):
-        """Where the next backbone call ends: at the first column where some row's segment fills, or the chunk's
-        end. Returns (end, rows whose segment fills at end - 1 as a CPU bool tensor, or None if none)."""
-        need = self.config.segment_size - cache.segment_fill  # real tokens each row still needs, (B,)
-        if real is None:
-            end = min(length, start + int(need.min()))
-            rows = need == end - start
-        else:
-            count = real[:, start:].cumsum(1)
-            hits = (count == need.unsqueeze(1)) & real[:, start:]
-            hit_any = hits.any(1)
-            if not bool(hit_any.any()):
-                return length, None
-            first_col = torch.where(hit_any, hits.long().argmax(1), length)
-            end = start + int(first_col.min()) + 1
-            rows = hit_any & (first_col == end - start - 1)
-        return end, (rows if bool(rows.any()) else None)
-
-    def _memory_position_ids(self, positions: torch.Tensor, write: bool) -> torch.Tensor:
-        """Append memory-token positions (right after each row's tokens; 0 under wrap_pos, whose hook replaces them)."""
-        if not write:
-            return positions
-        num_memory = self.config.num_mem_tokens
-        if self.config.wrap_pos:
-            memory = positions.new_zeros(positions.shape[0], num_memory)
-        else:
-            memory = positions[:, -1:] + 1 + torch.arange(num_memory, device=positions.device)
-        return torch.cat([positions, memory], dim=1)
 
     def forward(
         self,
@@ -642,6 +840,12 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             cache = past_key_values
         if cache is not None and not isinstance(cache, ARMTCache):
             raise ValueError(f"ARMTForCausalLM needs an ARMTCache (model.new_cache(batch)), got {type(cache).__name__}.")
+        if torch.is_grad_enabled() and self.backbone.is_activation_checkpointing:
+            raise ValueError(
+                "Activation checkpointing is on for the backbone's layers, whose recomputation would skip the memory "
+                "reads and writes. Call model.backbone.activation_checkpointing_disable() and "
+                "model.activation_checkpointing_enable() on the ARMT model (it checkpoints whole segments)."
+            )
         past_length = cache.seen_tokens if cache is not None else 0
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
         batch_size, length = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
@@ -673,99 +877,36 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
             real = attention_mask[:, -length:].bool().cpu()
             real = None if bool(real.all()) else real
 
-        A = [layer.A for layer in cache.layers]
-        z = [layer.z for layer in cache.layers]
         logits_pieces = []
         start = 0
         while start < length:
-            end, write_rows = self._next_piece(cache, real, start, length)
-            write = write_rows is not None
-            piece_real = None if real is None else real[:, start:end]
+            end, write_rows = cache.next_piece(real, start, length)
+            piece = cache.begin_piece(end - start, None if real is None else real[:, start:end], write_rows,
+                                      use_cache, device)
             positions = keep_mask[start:end].nonzero().squeeze(-1).to(device)
             keep = positions if positions.numel() else None
             # Embed piece by piece: a long input never has all its embeddings in memory at once.
             embeds = (
                 self.get_input_embeddings()(input_ids[:, start:end]) if inputs_embeds is None else inputs_embeds[:, start:end]
             )
-            if piece_real is None and cache.is_aligned:
-                logits, A, z = self._aligned_piece(cache, embeds, A, z, keep, write, use_cache)
+            A, z = cache.memory_state()
+            if self.gradient_checkpointing and self.training and piece.segment_cache is None and piece.write:
+                logits, A, z = self._checkpointed_segment(embeds, piece, A, z, keep)
             else:
-                logits, A, z = self._ragged_piece(cache, embeds, piece_real, A, z, keep, write_rows)
+                logits, A, z = self._run_backbone(embeds, piece, A, z, keep)
+            cache.end_piece(piece, A, z)
             if logits is not None:
                 logits_pieces.append(logits)
-            cache.seen_tokens += end - start
             start = end
-        for layer, layer_A, layer_z in zip(cache.layers, A, z):
-            layer.A, layer.z = layer_A, layer_z
 
-        logits = torch.cat(logits_pieces, dim=1)
+        if logits_pieces:
+            logits = torch.cat(logits_pieces, dim=1)
+        else:  # logits_to_keep selected no position
+            logits = self.memory_embeddings.new_zeros(batch_size, 0, self.get_output_embeddings().out_features)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
-
-    def _aligned_piece(self, cache, embeds, A, z, keep, write, use_cache):
-        """All rows at the same place of their segments and no padding: positions come from the key/value cache."""
-        in_segment = cache._segment_length()
-        segment_cache = cache.segment_cache if (in_segment or (use_cache and not write)) else None
-        position_ids = attention_mask = None
-        if write and self.config.wrap_pos:
-            # explicit positions (memory rows replaced by the hook) need a mask, or they would read as packed sequences
-            positions = torch.arange(in_segment, in_segment + embeds.shape[1], device=embeds.device)
-            position_ids = self._memory_position_ids(positions.expand(embeds.shape[0], -1), True)
-            attention_mask = torch.ones(
-                embeds.shape[0], in_segment + position_ids.shape[1], dtype=torch.long, device=embeds.device
-            )
-        if self.gradient_checkpointing and self.training and segment_cache is None and write:
-            logits, A, z = self._checkpointed_segment(
-                embeds, cache.memory_written, cache.has_memory, A, z, keep, position_ids, attention_mask
-            )
-        else:
-            logits, A, z = self._run_backbone(
-                embeds, cache.memory_written, cache.has_memory, A, z, keep, write,
-                attention_mask=attention_mask, position_ids=position_ids, segment_cache=segment_cache,
-            )
-        cache.row_tokens += embeds.shape[1]
-        if write:
-            cache.memory_written = torch.ones_like(cache.memory_written)
-            cache._drop_segment()
-        return logits, A, z
-
-    def _ragged_piece(self, cache, embeds, piece_real, A, z, keep, write_rows):
-        """Rows at different places of their segments, or padding: explicit per-row positions and masks."""
-        batch_size, num_tokens = embeds.shape[:2]
-        device = embeds.device
-        write = write_rows is not None
-        real = torch.ones(batch_size, num_tokens, dtype=torch.bool) if piece_real is None else piece_real
-        fill = cache.segment_fill
-        count = real.long().cumsum(1)
-        positions = (fill.unsqueeze(1) + count - 1).clamp(min=0)
-        positions = torch.where(real, positions, 0)
-        position_ids = self._memory_position_ids(positions.to(device), write)
-        in_segment = cache._segment_length()
-        past_mask = (
-            cache.segment_mask
-            if cache.segment_mask is not None
-            else torch.ones(batch_size, in_segment, dtype=torch.long, device=device)
-        )
-        parts = [past_mask, real.long().to(device)]
-        if write:
-            parts.append(torch.ones(batch_size, self.config.num_mem_tokens, dtype=torch.long, device=device))
-        attention_mask = torch.cat(parts, dim=1)
-        rows = write_rows.to(device) if write else None
-        logits, A, z = self._run_backbone(
-            embeds, cache.memory_written, cache.has_memory, A, z, keep, write, write_rows=rows,
-            attention_mask=attention_mask, position_ids=position_ids, segment_cache=cache.segment_cache,
-        )
-        if write:
-            cache.segment_cache.crop(-self.config.num_mem_tokens)  # the memory tokens' keys/values belong to no segment
-        cache.segment_mask = torch.cat(parts[:2], dim=1)
-        cache.row_tokens += count[:, -1]
-        if write:
-            cache.segment_mask[rows] = 0
-            cache.memory_written = cache.memory_written | rows
-        cache._trim_segment()
-        return logits, A, z
 
 
 ARMTConfig.register_for_auto_class()

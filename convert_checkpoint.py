@@ -216,7 +216,7 @@ def detect_format(keys) -> str:
         return "outer-loop"
     if any(k.startswith("memory_cell.") for k in keys):
         return "research"
-    if "memory" in keys and any(k.startswith("model.") and ".W_mq." in k for k in keys):
+    if "memory" in keys and any(k.startswith("model.") for k in keys):  # W_mq may be absent: no layer with memory
         return "inner-loop"
     if "memory_embeddings" in keys and any(k.startswith("backbone.") for k in keys):
         raise ConversionError(
@@ -294,7 +294,32 @@ def map_research_state_dict(state: dict[str, torch.Tensor], model: ARMTForCausal
         )
     if model.config.wrap_pos:
         _split_position_table(mapped, model)
-    return mapped
+    return _rename_legacy_backbone_keys(mapped, model)
+
+
+def _rename_legacy_backbone_keys(mapped: dict[str, torch.Tensor], model: ARMTForCausalLM) -> dict[str, torch.Tensor]:
+    """Backbone keys saved under an older transformers name (e.g. GPT-NeoX's `embed_out` before 5.x's `lm_head`):
+    renamed with transformers' own renaming rules for the backbone class, where that gives a key the model has."""
+    from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+
+    expected = set(model.state_dict())
+    renamings = [
+        (source, target)
+        for transform in get_model_conversion_mapping(model.backbone)
+        if isinstance(transform, WeightRenaming)
+        for source, target in zip(transform.source_patterns, transform.target_patterns)
+    ]
+    renamed = {}
+    for key, tensor in mapped.items():
+        if key not in expected and key.startswith("backbone."):
+            stock = key[len("backbone.") :]
+            for source, target in renamings:
+                candidate = "backbone." + re.sub(source, target, stock)
+                if candidate in expected:
+                    key = candidate
+                    break
+        renamed[key] = tensor
+    return renamed
 
 
 def _resolve_aliases(state: dict[str, torch.Tensor], layers_prefix: str) -> dict[str, torch.Tensor]:
@@ -325,7 +350,10 @@ def _layers_prefix(model: ARMTForCausalLM) -> str:
 
 
 def _position_table_key(model: ARMTForCausalLM) -> str:
-    return next(name for name, _ in model.named_parameters() if name.endswith(".wpe.weight"))
+    from configuration_armt import LEARNED_POSITION_TABLES
+
+    table = LEARNED_POSITION_TABLES[model.config.base_config.model_type][1]
+    return next(name for name, _ in model.named_parameters() if name.endswith(f".{table}.weight"))
 
 
 def _split_position_table(mapped: dict[str, torch.Tensor], model: ARMTForCausalLM) -> None:
@@ -668,17 +696,18 @@ def check_positions(backbone_model, source_format: str, current: bool) -> None:
     )
     if rotary is None or "gemma" in model_type.lower():
         raise ConversionError(
-            f"The authors' current code numbers positions across segments for a {model_type!r} backbone (it restarts "
-            "them only through a rotary embedding at model.rotary_emb / gpt_neox.rotary_emb, never for Gemma); this "
-            "model restarts them every segment, so a conversion would compute something else. Nothing was written."
+            f"The authors' current code numbers positions across segments for a {model_type!r} backbone: it restarts "
+            "them per segment only through a rotary embedding at model.rotary_emb / gpt_neox.rotary_emb (and never "
+            "for Gemma), which this backbone does not have. This model restarts positions every segment, so a "
+            "conversion would compute something else. Nothing was written."
         )
 
 
 def _infer_wrap_pos(state: dict[str, torch.Tensor], backbone: dict, memory: torch.Tensor | None) -> bool | None:
-    from configuration_armt import LEARNED_POSITION_FIELDS
+    from configuration_armt import LEARNED_POSITION_TABLES
 
-    table_field = LEARNED_POSITION_FIELDS.get(backbone.get("model_type"))
-    table = next((t for k, t in state.items() if k.endswith(".wpe.weight")), None)
+    table_field, table_name = LEARNED_POSITION_TABLES.get(backbone.get("model_type"), (None, None))
+    table = next((t for k, t in state.items() if k.endswith(f".{table_name}.weight")), None)
     if table_field is None or table is None or memory is None or backbone.get(table_field) is None:
         return None
     rows, stock = table.shape[0], backbone[table_field]
@@ -723,15 +752,27 @@ def build_model(
     return model.eval()
 
 
-def _set_generation_defaults(model: ARMTForCausalLM, tokenizer=None) -> None:
-    """bos / eos / pad token ids for generation: the backbone config's, else the tokenizer's."""
+def _set_generation_defaults(model: ARMTForCausalLM, tokenizer=None, source: Source | None = None) -> str:
+    """bos / eos / pad token ids for generation; returns where they came from.
+
+    A folder of the authors' current code generates with what its own generation settings say: its
+    generation_config.json, else its top-level config (which names no eos / pad: it never stops early and treats no
+    prompt token as padding). Other sources: the backbone config's, else the tokenizer's."""
+    names = ("bos_token_id", "eos_token_id", "pad_token_id")
+    if source is not None and is_current_code_config(source.config):
+        path = source.folder / "generation_config.json" if source.folder is not None else None
+        settings = _read_json(path, "generation config") if path is not None and path.is_file() else source.config
+        for name in names:
+            setattr(model.generation_config, name, settings.get(name))
+        return "the source's generation_config.json" if settings is not source.config else "the source's config.json"
     base = model.config.base_config
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    for name in names:
         value = getattr(base, name, None)
         if value is None and tokenizer is not None:
             value = getattr(tokenizer, name, None)
         if value is not None:
             setattr(model.generation_config, name, value)
+    return "the backbone config, else the tokenizer"
 
 
 # -------------------------------------------------------------------------------------------------------- writing
@@ -1029,7 +1070,7 @@ def convert(args: argparse.Namespace) -> Path:
     """Run a conversion described by parsed CLI arguments; returns the written folder."""
     import torch
 
-    from configuration_armt import LEARNED_POSITION_FIELDS, ARMTConfig
+    from configuration_armt import LEARNED_POSITION_TABLES, ARMTConfig
 
     output: Path = args.output
     if output.exists() and not args.overwrite:
@@ -1066,7 +1107,7 @@ def convert(args: argparse.Namespace) -> Path:
     if str(dtype).removeprefix("torch.") not in DTYPES:
         raise ConversionError(f"The source's dtype {dtype} cannot be saved as is; pass --dtype.")
     warnings = []
-    if source_format == "inner-loop" and backbone["model_type"] in LEARNED_POSITION_FIELDS:
+    if source_format == "inner-loop" and backbone["model_type"] in LEARNED_POSITION_TABLES:
         warnings.append(
             "The inner-loop code numbers positions across segments; this model restarts them at every segment, as the "
             "research code does. With a learned position table (GPT-2) the outputs can differ from the source's."
@@ -1082,7 +1123,11 @@ def convert(args: argparse.Namespace) -> Path:
     check_positions(model.backbone, source_format, is_current_code_config(source.config))
     del state
     source.state = {}
-    _set_generation_defaults(model, tokenizer)
+    generation_origin = _set_generation_defaults(model, tokenizer, source)
+    detection.append(
+        f"generation settings (bos/eos/pad = {model.generation_config.bos_token_id}/"
+        f"{model.generation_config.eos_token_id}/{model.generation_config.pad_token_id}) from {generation_origin}"
+    )
     card = model_card(
         config, source=source, source_format=source_format, source_name=args.source_name, origin=origin,
         backbone_name=backbone_name, dtype=dtype, has_tokenizer=tokenizer is not None, warnings=warnings,

@@ -118,8 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args(argv)
     segment = (TINY_ARMT_KWARGS if args.tiny else ARMT_KWARGS)["segment_size"]
-    if not args.min_run_time > 0 or not 0 < args.context < segment:
-        parser.error(f"--min-run-time must be > 0 and --context in 1..{segment - 1}.")
+    if not args.min_run_time > 0 or args.threads < 1 or not 0 < args.context < segment:
+        parser.error(f"--min-run-time must be > 0, --threads >= 1 and --context in 1..{segment - 1}.")
     return args
 
 

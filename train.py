@@ -34,6 +34,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
@@ -389,8 +390,7 @@ def armt_loss(model, unwrapped: ARMTForCausalLM, input_ids: torch.Tensor, labels
                         backward(loss)
                     total = total + loss.detach()
         if cache is not None and index < last:
-            for layer in cache.layers:
-                layer.A, layer.z = layer.A.detach(), layer.z.detach()
+            cache.detach_memory_()
     return final + total, labelled.sum(), ~wrong
 
 
@@ -744,8 +744,8 @@ def writable_output(path: str) -> None:
         raise TrainError(f"Cannot write to --output-dir {folder}: {blocking} is a file, not a folder.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / ".write-test").write_bytes(b"")
-        (folder / ".write-test").unlink()
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):  # a name of its own per process
+            pass
     except OSError as err:
         raise TrainError(f"Cannot write to --output-dir {folder} ({err.strerror or err}).") from None
 

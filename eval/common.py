@@ -154,10 +154,6 @@ def load_model(path: str, device, dtype):
     from transformers import AutoModelForCausalLM
 
     try:
-        import modeling_armt  # noqa: F401  registers ARMT with the Auto classes when the repo is importable
-    except ImportError:
-        pass
-    try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -236,3 +236,23 @@ def test_decoder_layers_are_found_by_the_backbone_layer_class():
     assert layers is model.backbone.model.layers
     model.backbone.model.decoys = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in layers)  # right length, wrong class
     assert find_decoder_layers(model.backbone) is layers
+
+
+def test_registration_with_the_auto_classes_is_explicit(tmp_path):
+    """Importing the module (or loading a folder's copy with trust_remote_code) leaves transformers' registry alone;
+    register_auto_classes() adds ARMT to it, after which folders load without trust_remote_code."""
+    tiny_armt("llama").save_pretrained(tmp_path / "model")
+    script = f"""
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+import modeling_armt
+assert "armt" not in CONFIG_MAPPING
+AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True)
+assert "armt" not in CONFIG_MAPPING
+modeling_armt.register_auto_classes()
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r})
+assert type(model) is modeling_armt.ARMTForCausalLM
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr

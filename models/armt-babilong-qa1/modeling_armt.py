@@ -909,9 +909,16 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
 
+def register_auto_classes() -> None:
+    """Register ARMT with transformers' Auto classes in this process (`AutoConfig` for "armt",
+    `AutoModelForCausalLM`), so that ARMT folders load without `trust_remote_code`. Importing this module registers
+    nothing: a folder loaded with `trust_remote_code=True` (its own copy of this code) never changes the registry."""
+    AutoConfig.register("armt", ARMTConfig, exist_ok=True)
+    AutoModelForCausalLM.register(ARMTConfig, ARMTForCausalLM, exist_ok=True)
+
+
+# save_pretrained() writes auto_map and copies the code files (this changes no registry)
 ARMTConfig.register_for_auto_class()
 ARMTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-AutoConfig.register("armt", ARMTConfig, exist_ok=True)
-AutoModelForCausalLM.register(ARMTConfig, ARMTForCausalLM, exist_ok=True)
 
-__all__ = ["ARMTCache", "ARMTForCausalLM", "ARMTPreTrainedModel"]
+__all__ = ["ARMTCache", "ARMTForCausalLM", "ARMTPreTrainedModel", "register_auto_classes"]

@@ -158,6 +158,10 @@ class ARMTConfig(PreTrainedConfig):
     def vocab_size(self) -> int:
         return self.base_config.vocab_size
 
+    @vocab_size.setter
+    def vocab_size(self, value: int) -> None:  # resize_token_embeddings() sets it
+        self.base_config.vocab_size = value
+
     @property
     def hidden_size(self) -> int:
         return self.base_config.hidden_size

@@ -36,7 +36,7 @@ import random
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from itertools import islice
 from pathlib import Path
@@ -44,7 +44,6 @@ from pathlib import Path
 try:  # Ctrl-C while torch and transformers load: exit 130 without a traceback
     import torch
     import torch.nn.functional as F
-    from torch import nn
     from torch.utils.data import Dataset, SequentialSampler
     from transformers import (
         AutoConfig,
@@ -316,37 +315,13 @@ def segment_groups(length: int, segment_size: int, depth: int | None) -> list[tu
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-# Backbones whose causal-LM forward computes logits as lm_head(final hidden states) and nothing more (no soft-capping or
-# scaling), so the loss can apply lm_head to the labelled (row, column) pairs only.
-PLAIN_HEAD_MODELS = frozenset({"gpt2", "llama"})
-
-
-class _FinalHidden(nn.Module):
-    """Stands in for the output layer during a forward: the model's "logits" are then its final hidden states."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states
-
-
-@contextmanager
-def final_hidden_states(unwrapped: ARMTForCausalLM):
-    """Within the block, the model returns final hidden states instead of logits; yields the real output layer."""
-    head = unwrapped.get_output_embeddings()
-    unwrapped.set_output_embeddings(_FinalHidden())
-    try:
-        yield head
-    finally:
-        unwrapped.set_output_embeddings(head)
-
-
 def armt_loss(model, unwrapped: ARMTForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor,
               attention_mask: torch.Tensor | None = None, bptt_depth: int | None = None, scale: float = 1.0,
               backward: Callable[[torch.Tensor], None] | None = None,
               no_sync: Callable[[], object] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of the labelled tokens times `scale`, read group by group of `bptt_depth` segments.
 
-    Only the labelled positions get logits: for gpt2/llama backbones without gradient checkpointing exactly the
-    labelled (row, column) pairs, otherwise every row at the columns where some row has a label. The memory is
+    Only the labelled (row, column) pairs get logits (the model's pair mask `logits_to_keep`). The memory is
     detached between groups; every group's loss but the last
     one is backpropagated at once through `backward` (inside `no_sync()`, for DDP), so that only one group's graph
     is alive; the returned loss carries the graph of the last group (plus the earlier groups' values, detached).
@@ -363,24 +338,18 @@ def armt_loss(model, unwrapped: ARMTForCausalLM, input_ids: torch.Tensor, labels
     total = torch.zeros((), device=input_ids.device)
     wrong = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     final = None
-    # (gradient checkpointing recomputes segments in backward, after the output layer is back: no swap then)
-    per_pair = unwrapped.config.base_config.model_type in PLAIN_HEAD_MODELS and not unwrapped.gradient_checkpointing
     for index, (start, end) in enumerate(groups[: last + 1]):
         mask = attention_mask[:, :end] if attention_mask is not None else None
-        keep = labelled[:, start:end].any(0).nonzero().squeeze(-1)
+        pairs = labelled[:, start:end]  # (B, columns of the group)
         grad = torch.is_grad_enabled() and with_loss[index]
         sync = no_sync() if (index < last and grad and no_sync is not None) else nullcontext()
         with sync, torch.set_grad_enabled(grad):
-            with final_hidden_states(unwrapped) if per_pair else nullcontext() as head:
-                out = model(input_ids[:, start:end], attention_mask=mask, cache=cache, use_cache=False,
-                            logits_to_keep=keep if keep.numel() else 1)
-            if keep.numel():
-                target = targets[:, start:end][:, keep]
-                pairs = target != IGNORE_INDEX  # (B, kept columns)
+            out = model(input_ids[:, start:end], attention_mask=mask, cache=cache, use_cache=False,
+                        logits_to_keep=pairs if with_loss[index] else 1)
+            if with_loss[index]:
                 rows = pairs.nonzero()[:, 0]
-                selected = out.logits[pairs]  # (labelled pairs, hidden or vocab)
-                logits = (head(selected) if per_pair else selected).float()
-                target = target[pairs]
+                logits = out.logits.float()  # (labelled pairs, vocab), in the order of pairs.nonzero()
+                target = targets[:, start:end][pairs]
                 loss = F.cross_entropy(logits, target, reduction="sum") * scale
                 wrong[rows[logits.argmax(-1) != target]] = True
                 if index == last:

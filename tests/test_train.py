@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import modeling_armt
 import train
 from conftest import ROOT, tiny_armt
 
@@ -191,7 +192,7 @@ def test_truncated_bptt_keeps_the_loss_and_cuts_gradients():
 @pytest.mark.parametrize("plain_head", [True, False])
 def test_rows_labelled_at_different_columns_give_the_plain_loss_gradients_and_accuracy(plain_head, monkeypatch):
     if not plain_head:  # the fallback: every row's logits at the union of labelled columns
-        monkeypatch.setattr(train, "PLAIN_HEAD_MODELS", frozenset())
+        monkeypatch.setattr(modeling_armt, "PLAIN_HEAD_MODELS", frozenset())
     model = tiny_model()
     ids, labels = batch(model, length=37, answer=2)
     labels[0, 5], labels[1, 20], labels[1, 29] = ids[0, 5], ids[1, 20], ids[1, 29]

@@ -26,10 +26,12 @@ from torch import nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
 try:
@@ -695,7 +697,7 @@ class ARMTPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # All ARMT parameters are initialised from the top-level module: transformers skips parameter-less containers
         # of custom code. The guarded `init` functions leave loaded parameters alone.
-        if not isinstance(module, ARMTForCausalLM):
+        if not isinstance(module, ARMTModel):
             return
         std = getattr(self.config.base_config, "initializer_range", 0.02)
         word_std = module.backbone.get_input_embeddings().weight.float().std().item()
@@ -714,8 +716,11 @@ class ARMTPreTrainedModel(PreTrainedModel):
         self._gradient_checkpointing_func = gradient_checkpointing_func
 
 
-class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
-    """ARMT causal LM: `backbone` (a stock transformers causal LM) plus memory embeddings and per-layer memory."""
+class ARMTModel(ARMTPreTrainedModel):
+    """ARMT returning the backbone's final hidden states (`AutoModel`), as `LlamaModel` pairs with `LlamaForCausalLM`.
+
+    It holds the same parameters under the same names as [`ARMTForCausalLM`] (`backbone` keeps its output layer,
+    unused here), so every ARMT folder loads into either class; the streaming cache is the same."""
 
     def __init__(self, config: ARMTConfig):
         super().__init__(config)
@@ -729,10 +734,17 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
         self.memory_layers = nn.ModuleList(ARMTMemoryLayer(config) for _ in config.memory_layer_indices)
         self.gradient_checkpointing = False
         self.memory_injector = ARMTMemoryInjector(self.backbone, self.memory_layers, config)
+        # a saved folder opens with AutoModel and AutoModelForCausalLM alike (save_pretrained adds its own class)
+        module = type(self).__module__.rpartition(".")[2]
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoModel": f"{module}.ARMTModel",
+            "AutoModelForCausalLM": f"{module}.ARMTForCausalLM",
+        }
         self.post_init()
 
     @classmethod
-    def from_backbone(cls, backbone: PreTrainedModel | str, **armt_kwargs) -> "ARMTForCausalLM":
+    def from_backbone(cls, backbone: PreTrainedModel | str, **armt_kwargs) -> "ARMTModel":
         """A fresh ARMT around a pretrained backbone (a causal LM or its path / Hub id); W_v = 0, so it starts out
         computing exactly what the backbone computes on one segment."""
         if isinstance(backbone, str):
@@ -779,40 +791,134 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
                 f"got {tuple(attention_mask.shape)}."
             )
 
+    def _prepare(self, input_ids, inputs_embeds, attention_mask, cache, use_cache, past_key_values):
+        """Checks shared by the forwards; returns (cache, use_cache, real-token mask or None, batch, length)."""
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("Pass the ARMT cache as `cache` or `past_key_values`, not both.")
+            cache = past_key_values
+        if cache is not None and not isinstance(cache, ARMTCache):
+            raise ValueError(f"{type(self).__name__} needs an ARMTCache (model.new_cache(batch)), got "
+                             f"{type(cache).__name__}.")
+        if torch.is_grad_enabled() and self.backbone.is_activation_checkpointing:
+            raise ValueError(
+                "Activation checkpointing is on for the backbone's layers, whose recomputation would skip the memory "
+                "reads and writes. Call model.backbone.activation_checkpointing_disable() and "
+                "model.activation_checkpointing_enable() on the ARMT model (it checkpoints whole segments)."
+            )
+        past_length = cache.seen_tokens if cache is not None else 0
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        batch_size, length = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if cache is None:
+            cache = self.new_cache(batch_size)
+            if use_cache is None:
+                use_cache = not self.training
+        else:
+            cache.check_compatible(self.config, batch_size)
+            use_cache = True  # a cache the caller holds must stay consistent with what it has seen
+        real = None  # (B, length) CPU bool: which columns are real tokens; None when all are
+        if attention_mask is not None:
+            real = attention_mask[:, -length:].bool().cpu()
+            real = None if bool(real.all()) else real
+        return cache, use_cache, real, batch_size, length
+
+    def _stream(self, input_ids, inputs_embeds, real, cache: ARMTCache, use_cache: bool, run) -> list:
+        """Read the input piece by piece (a piece ends where some row's segment fills); `run(start, end, embeds,
+        piece, A, z)` makes one backbone call and returns (output or None, A, z). Returns the outputs."""
+        length = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
+        device = self.memory_embeddings.device
+        outputs, start = [], 0
+        while start < length:
+            end, write_rows = cache.next_piece(real, start, length)
+            piece = cache.begin_piece(end - start, None if real is None else real[:, start:end], write_rows,
+                                      use_cache, device)
+            # Embed piece by piece: a long input never has all its embeddings in memory at once.
+            embeds = (
+                self.get_input_embeddings()(input_ids[:, start:end]) if inputs_embeds is None else inputs_embeds[:, start:end]
+            )
+            A, z = cache.memory_state()
+            output, A, z = run(start, end, embeds, piece, A, z)
+            cache.end_piece(piece, A, z)
+            if output is not None:
+                outputs.append(output)
+            start = end
+        return outputs
+
+    def _backbone_call(self, embeds, piece: _Piece, A: list, z: list, keep: torch.Tensor | None, hidden: bool = False):
+        """One backbone call (checkpointed as a whole segment when training with checkpointing)."""
+        if self.gradient_checkpointing and self.training and piece.segment_cache is None and piece.write:
+            return self._checkpointed_segment(embeds, piece, A, z, keep, hidden)
+        return self._run_backbone(embeds, piece, A, z, keep, hidden)
+
     def _run_backbone(
-        self, embeds: torch.Tensor, piece: _Piece, A: list, z: list, keep: torch.Tensor | None
+        self, embeds: torch.Tensor, piece: _Piece, A: list, z: list, keep: torch.Tensor | None, hidden: bool = False
     ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor | None]]:
         """One backbone call over a piece of a segment (plus the memory tokens when `piece.write`), with memory read
-        in every memory layer; returns the logits at the positions `keep` and the memory state after the call."""
+        in every memory layer; returns the logits at the positions `keep` (with `hidden`: the final hidden states of
+        the piece's tokens) and the memory state after the call."""
         num_memory = self.config.num_mem_tokens if piece.write else 0
         if piece.write:
             memory = self.memory_embeddings.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
             embeds = torch.cat([embeds, memory], dim=1)
+        inputs = dict(inputs_embeds=embeds, attention_mask=piece.attention_mask, position_ids=piece.position_ids,
+                      cache=piece.segment_cache, use_cache=piece.segment_cache is not None)
         with self.memory_injector.step(
             A, z, piece.written, piece.read, num_memory, piece.write_rows, self.memory_position_embeddings
         ) as step:
-            outputs = self.backbone(
-                inputs_embeds=embeds,
-                attention_mask=piece.attention_mask,
-                position_ids=piece.position_ids,
-                cache=piece.segment_cache,
-                use_cache=piece.segment_cache is not None,
-                logits_to_keep=keep if keep is not None else torch.empty(0, dtype=torch.long, device=embeds.device),
-            )
-        return (outputs.logits if keep is not None else None), step.new_A, step.new_z
+            if hidden:
+                output = self.backbone.base_model(**inputs).last_hidden_state[:, : piece.num_tokens]
+            else:
+                empty = torch.empty(0, dtype=torch.long, device=embeds.device)
+                logits = self.backbone(**inputs, logits_to_keep=keep if keep is not None else empty).logits
+                output = logits if keep is not None else None
+        return output, step.new_A, step.new_z
 
-    def _checkpointed_segment(self, embeds, piece, A, z, keep):
+    def _checkpointed_segment(self, embeds, piece, A, z, keep, hidden):
         """A whole segment with its memory write under gradient checkpointing (the hooks run again on recompute)."""
         num_layers = len(A)
 
         def run(embeds, *state):
-            logits, new_A, new_z = self._run_backbone(
-                embeds, piece, list(state[:num_layers]), list(state[num_layers:]), keep
+            output, new_A, new_z = self._run_backbone(
+                embeds, piece, list(state[:num_layers]), list(state[num_layers:]), keep, hidden
             )
-            return (logits, *new_A, *new_z)
+            return (output, *new_A, *new_z)
 
         outputs = self._gradient_checkpointing_func(run, embeds, *A, *z, use_reentrant=False)
         return outputs[0], list(outputs[1 : 1 + num_layers]), list(outputs[1 + num_layers :])
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: ARMTCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: ARMTCache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        The backbone's final hidden states (after its final norm) at every input position, read in segments as in
+        [`ARMTForCausalLM.forward`], whose arguments these are.
+        """
+        cache, use_cache, real, batch_size, length = self._prepare(
+            input_ids, inputs_embeds, attention_mask, cache, use_cache, past_key_values
+        )
+
+        def run(start, end, embeds, piece, A, z):
+            return self._backbone_call(embeds, piece, A, z, None, hidden=True)
+
+        hidden = torch.cat(self._stream(input_ids, inputs_embeds, real, cache, use_cache, run), dim=1)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
+
+
+# Backbones whose causal-LM logits are lm_head(final hidden states) and nothing more (no soft-capping or scaling): for
+# them logits of (row, position) pairs come from the final hidden states of those pairs alone.
+PLAIN_HEAD_MODELS = frozenset({"gpt2", "llama", "mistral", "qwen2", "gpt_neox"})
+
+
+class ARMTForCausalLM(ARMTModel, GenerationMixin):
+    """ARMT causal LM: `backbone` (a stock transformers causal LM) plus memory embeddings and per-layer memory."""
 
     def forward(
         self,
@@ -831,35 +937,16 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
         Reads `input_ids` (or `inputs_embeds`) of any length in segments, continuing the streams held in `cache`
         (a new one when None). Positions are ARMT's own (restarting every segment), so `position_ids` is accepted for
         `generate()` and ignored. `attention_mask` covers cached + new tokens, as in transformers; padded positions
-        do not count towards a row's segments. `logits_to_keep` (int: the last n positions, 0 for all; or a 1D tensor
-        of positions) bounds the logits built. With `labels`, returns the mean shifted cross-entropy (-100 ignored).
+        do not count towards a row's segments. `logits_to_keep` bounds the logits built: an int (the last n
+        positions, 0 for all), a 1D tensor of positions, or a (batch, length) bool mask of (row, position) pairs, for
+        which the logits are (pairs, vocab) in the order of `mask.nonzero()`. With `labels`, returns the mean shifted
+        cross-entropy (-100 ignored).
         """
-        if past_key_values is not None:
-            if cache is not None:
-                raise ValueError("Pass the ARMT cache as `cache` or `past_key_values`, not both.")
-            cache = past_key_values
-        if cache is not None and not isinstance(cache, ARMTCache):
-            raise ValueError(f"ARMTForCausalLM needs an ARMTCache (model.new_cache(batch)), got {type(cache).__name__}.")
-        if torch.is_grad_enabled() and self.backbone.is_activation_checkpointing:
-            raise ValueError(
-                "Activation checkpointing is on for the backbone's layers, whose recomputation would skip the memory "
-                "reads and writes. Call model.backbone.activation_checkpointing_disable() and "
-                "model.activation_checkpointing_enable() on the ARMT model (it checkpoints whole segments)."
-            )
-        past_length = cache.seen_tokens if cache is not None else 0
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
-        batch_size, length = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-        device = self.memory_embeddings.device
-        if cache is None:
-            cache = self.new_cache(batch_size)
-            if use_cache is None:
-                use_cache = not self.training
-        else:
-            cache.check_compatible(self.config, batch_size)
-            use_cache = True  # a cache the caller holds must stay consistent with what it has seen
+        cache, use_cache, real, batch_size, length = self._prepare(
+            input_ids, inputs_embeds, attention_mask, cache, use_cache, past_key_values
+        )
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("`labels` need the logits of every position: leave `logits_to_keep` at 0.")
-
         if labels is None and isinstance(logits_to_keep, int) and logits_to_keep == 0 and (
             length > 8 * self.config.segment_size
         ):
@@ -867,58 +954,72 @@ class ARMTForCausalLM(ARMTPreTrainedModel, GenerationMixin):
                 f"ARMT builds logits for all {length} positions of this input (logits_to_keep=0): pass "
                 "logits_to_keep=1 (or the positions you need) to keep memory flat on long inputs."
             )
-        keep_mask = torch.zeros(length, dtype=torch.bool)
-        if isinstance(logits_to_keep, int):
-            keep_mask[-logits_to_keep if logits_to_keep else 0 :] = True
+        device = self.memory_embeddings.device
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 2:
+            logits = self._pair_logits(input_ids, inputs_embeds, real, cache, use_cache, logits_to_keep, length)
         else:
-            keep_mask[logits_to_keep.cpu()] = True
-        real = None  # (B, length) CPU bool: which columns are real tokens; None when all are
-        if attention_mask is not None:
-            real = attention_mask[:, -length:].bool().cpu()
-            real = None if bool(real.all()) else real
-
-        logits_pieces = []
-        start = 0
-        while start < length:
-            end, write_rows = cache.next_piece(real, start, length)
-            piece = cache.begin_piece(end - start, None if real is None else real[:, start:end], write_rows,
-                                      use_cache, device)
-            positions = keep_mask[start:end].nonzero().squeeze(-1).to(device)
-            keep = positions if positions.numel() else None
-            # Embed piece by piece: a long input never has all its embeddings in memory at once.
-            embeds = (
-                self.get_input_embeddings()(input_ids[:, start:end]) if inputs_embeds is None else inputs_embeds[:, start:end]
-            )
-            A, z = cache.memory_state()
-            if self.gradient_checkpointing and self.training and piece.segment_cache is None and piece.write:
-                logits, A, z = self._checkpointed_segment(embeds, piece, A, z, keep)
+            keep_mask = torch.zeros(length, dtype=torch.bool)
+            if isinstance(logits_to_keep, int):
+                keep_mask[-logits_to_keep if logits_to_keep else 0 :] = True
             else:
-                logits, A, z = self._run_backbone(embeds, piece, A, z, keep)
-            cache.end_piece(piece, A, z)
-            if logits is not None:
-                logits_pieces.append(logits)
-            start = end
+                keep_mask[logits_to_keep.cpu()] = True
 
-        if logits_pieces:
-            logits = torch.cat(logits_pieces, dim=1)
-        else:  # logits_to_keep selected no position
-            logits = self.memory_embeddings.new_zeros(batch_size, 0, self.get_output_embeddings().out_features)
+            def run(start, end, embeds, piece, A, z):
+                positions = keep_mask[start:end].nonzero().squeeze(-1).to(device)
+                return self._backbone_call(embeds, piece, A, z, positions if positions.numel() else None)
+
+            pieces = self._stream(input_ids, inputs_embeds, real, cache, use_cache, run)
+            vocab = self.get_output_embeddings().out_features
+            logits = torch.cat(pieces, dim=1) if pieces else self.memory_embeddings.new_zeros(batch_size, 0, vocab)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
+    def _pair_logits(self, input_ids, inputs_embeds, real, cache, use_cache, pairs: torch.Tensor, length: int):
+        """Logits (pairs, vocab) of the (row, position) pairs that `pairs` (B, length) marks, in row-major order."""
+        batch_size = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+        if tuple(pairs.shape) != (batch_size, length) or pairs.dtype != torch.bool:
+            raise ValueError(f"A 2D logits_to_keep must be a bool mask of shape (batch, length) = {(batch_size, length)}, "
+                             f"got {pairs.dtype} {tuple(pairs.shape)}.")
+        pairs = pairs.cpu()
+        head = self.get_output_embeddings()
+        plain = self.config.base_config.model_type in PLAIN_HEAD_MODELS
+        device = self.memory_embeddings.device
+        order = []
+
+        def run(start, end, embeds, piece, A, z):
+            selected = pairs[:, start:end]
+            rows, cols = selected.nonzero(as_tuple=True)
+            if not rows.numel():
+                return self._backbone_call(embeds, piece, A, z, None)
+            order.append(rows * length + start + cols)
+            if plain:
+                hidden, A, z = self._backbone_call(embeds, piece, A, z, None, hidden=True)
+                return head(hidden[rows.to(device), cols.to(device)]), A, z
+            columns = selected.any(0).nonzero().squeeze(-1)
+            logits, A, z = self._backbone_call(embeds, piece, A, z, columns.to(device))
+            index = torch.searchsorted(columns, cols)
+            return logits[rows.to(device), index.to(device)], A, z
+
+        pieces = self._stream(input_ids, inputs_embeds, real, cache, use_cache, run)
+        if not pieces:
+            return self.memory_embeddings.new_zeros(0, head.out_features)
+        return torch.cat(pieces)[torch.cat(order).argsort().to(device)]
+
 
 def register_auto_classes() -> None:
     """Register ARMT with transformers' Auto classes in this process (`AutoConfig` for "armt",
-    `AutoModelForCausalLM`), so that ARMT folders load without `trust_remote_code`. Importing this module registers
+    `AutoModel`, `AutoModelForCausalLM`), so that ARMT folders load without `trust_remote_code`. Importing this module registers
     nothing: a folder loaded with `trust_remote_code=True` (its own copy of this code) never changes the registry."""
     AutoConfig.register("armt", ARMTConfig, exist_ok=True)
+    AutoModel.register(ARMTConfig, ARMTModel, exist_ok=True)
     AutoModelForCausalLM.register(ARMTConfig, ARMTForCausalLM, exist_ok=True)
 
 
 # save_pretrained() writes auto_map and copies the code files (this changes no registry)
 ARMTConfig.register_for_auto_class()
+ARMTModel.register_for_auto_class("AutoModel")
 ARMTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["ARMTCache", "ARMTForCausalLM", "ARMTPreTrainedModel", "register_auto_classes"]
+__all__ = ["ARMTCache", "ARMTForCausalLM", "ARMTModel", "ARMTPreTrainedModel", "register_auto_classes"]

@@ -4,7 +4,7 @@ import math
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 # Backbone families whose positions come from a learned table: the config field of its size and the name of the
 # table's module under the backbone's base model. The one place this knowledge lives.
@@ -75,6 +75,11 @@ class ARMTConfig(PreTrainedConfig):
     memory_dtype: str = "float32"
 
     def __post_init__(self, **kwargs):
+        if self.base_config is None or isinstance(self.base_config, str):
+            raise ValueError(
+                f"ARMTConfig.base_config must be the backbone's config (a PreTrainedConfig or a dict with its "
+                f"model_type), got {self.base_config!r}; e.g. base_config=AutoConfig.from_pretrained(name_or_path)."
+            )
         super().__post_init__(**kwargs)
         self.validate_armt()
 
@@ -106,6 +111,12 @@ class ARMTConfig(PreTrainedConfig):
             raise ValueError(
                 f"ARMTConfig.base_config must be a decoder-only causal LM config; model_type "
                 f"{base.model_type!r} is not (allowed: any type with an AutoModelForCausalLM class, not encoder-decoder)."
+            )
+        if base.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(base, "is_decoder", False):
+            raise ValueError(
+                f"ARMTConfig.base_config of model_type {base.model_type!r} is an encoder (bidirectional attention) "
+                "unless is_decoder=True; ARMT needs a causal backbone. Set is_decoder=True in the backbone config or "
+                "use a decoder-only model."
             )
         layers = self.layers_with_memory
         if layers is not None:

@@ -155,6 +155,9 @@ def test_bf16_backbone_keeps_float32_memory_state():
         ("dpfp_nu", 0, "dpfp_nu"),
         ("segment_size", 62, "position table"),
         ("memory_eps", 0.0, "memory_eps"),
+        ("base_config", None, "must be the backbone's config"),
+        ("base_config", "gpt2", "must be the backbone's config"),
+        ("base_config", {"model_type": "bert"}, "causal backbone"),
     ],
 )
 def test_invalid_config_values_raise(field, value, message):
@@ -170,6 +173,7 @@ def test_wrap_pos_needs_learned_positions_and_decoder_only_backbone():
     with pytest.raises(ValueError, match="decoder-only"):
         ARMTConfig(base_config={"model_type": "t5"}, segment_size=8)
     ARMTConfig(base_config=tiny_backbone_config("gpt2"), wrap_pos=True, segment_size=64, num_mem_tokens=3)
+    ARMTConfig(base_config={"model_type": "bert", "is_decoder": True}, segment_size=8)  # a causal BERT is fine
 
 
 def test_bad_inputs_raise_clear_errors():

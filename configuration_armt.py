@@ -2,7 +2,16 @@
 
 import math
 
-from transformers import AutoConfig, PreTrainedConfig
+import transformers
+from packaging.version import Version
+
+if Version(transformers.__version__).release < (5, 24):
+    raise ImportError(
+        f"ARMT needs transformers >= 5.24 (PreTrainedConfig, the `cache` keyword), found {transformers.__version__}: "
+        "pip install -U 'transformers>=5.24,<6'"
+    )
+
+from transformers import AutoConfig, PreTrainedConfig  # noqa: E402  (after the version check)
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 

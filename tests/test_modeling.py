@@ -260,3 +260,47 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_push_to_hub_carries_the_model_card(tmp_path, monkeypatch):
+    """Pushed to a local Hub stand-in: a model loaded from a folder pushes that folder's card; a fresh one an ARMT
+    card with its hyper-parameters (not transformers' blank card)."""
+    from test_convert_hub_server import LocalHub
+
+    model = tiny_armt("llama")
+    model.save_pretrained(tmp_path / "folder")
+    card = "---\nlibrary_name: transformers\n---\n\n# my ARMT card\n"
+    (tmp_path / "folder" / "README.md").write_text(card)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "folder", trust_remote_code=True)
+    with LocalHub(lifetime_s=60) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        loaded.push_to_hub("tests/loaded", token=hub.token)
+        model.push_to_hub("tests/fresh", token=hub.token, tags=["babilong"])
+        cards = {repo: hub.repos[f"tests/{repo}"]["files"]["README.md"].decode() for repo in ("loaded", "fresh")}
+        assert "model.safetensors" in hub.repos["tests/fresh"]["files"]
+    assert cards["loaded"] == card
+    assert "# ARMT (llama backbone)" in cards["fresh"] and "`segment_size=8`" in cards["fresh"]
+    assert "- babilong" in cards["fresh"]
+
+
+def test_memory_state_stays_in_float32_under_bf16_autocast():
+    model = tiny_armt("llama")
+    ids = random_ids(model, length=30)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids)
+    assert all(layer.A.dtype == torch.float32 and layer.z.dtype == torch.float32 for layer in out.cache.layers)
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.testing.assert_close(out.logits.float(), expected, atol=0.1, rtol=0)
+
+
+def test_old_transformers_gets_a_clear_version_error():
+    script = ("import transformers; transformers.__version__ = '5.20.1'\n"
+              "try:\n    import configuration_armt\nexcept ImportError as error:\n    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert "needs transformers >= 5.24" in result.stdout and "found 5.20.1" in result.stdout, result.stderr

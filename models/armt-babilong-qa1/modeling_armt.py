@@ -80,7 +80,11 @@ class ARMTMemoryLayer(nn.Module):
     def read(self, hidden_states: torch.Tensor, A: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         """y = phi(W_q h) A / (phi(W_q h) . z + eps) (no division without a denominator); returns h + y in h's
         dtype."""
-        q = self.features(self.q_proj(hidden_states))  # (B, T, d_key)
+        projected = self.q_proj(hidden_states)
+        with torch.autocast(A.device.type, enabled=False):  # A and z stay in the memory dtype under autocast
+            return self._read(hidden_states, self.features(projected), A, z)  # q: (B, T, d_key)
+
+    def _read(self, hidden_states: torch.Tensor, q: torch.Tensor, A: torch.Tensor, z: torch.Tensor | None):
         if z is None:
             if hidden_states.dtype == A.dtype:
                 return torch.baddbmm(hidden_states, q, A)
@@ -96,9 +100,12 @@ class ARMTMemoryLayer(nn.Module):
 
         `written` (B,) marks the rows whose memory already holds something; the others use vbar = 0, gamma = 1.
         """
-        k = self.features(self.k_proj(memory_states))  # (B, M, d_key)
-        v = self.v_proj(memory_states).to(A.dtype)  # (B, M, d_model)
-        beta = torch.sigmoid(self.b_proj(memory_states).to(A.dtype))  # (B, M, 1)
+        k, v, b = self.k_proj(memory_states), self.v_proj(memory_states), self.b_proj(memory_states)
+        with torch.autocast(A.device.type, enabled=False):  # A and z stay in the memory dtype under autocast
+            # k: (B, M, d_key), v: (B, M, d_model), beta: (B, M, 1)
+            return self._write(self.features(k), v.to(A.dtype), torch.sigmoid(b.to(A.dtype)), A, z, written)
+
+    def _write(self, k, v, beta, A, z, written) -> tuple[torch.Tensor, torch.Tensor | None]:
         was_written = written.view(-1, 1, 1)
         if z is None:
             v_bar = torch.where(was_written, k @ A, 0.0)
@@ -709,6 +716,64 @@ class ARMTPreTrainedModel(PreTrainedModel):
                 init.normal_(proj.weight, 0.0, std)
             init.zeros_(layer.b_proj.bias)
             init.zeros_(layer.v_proj.weight)  # a fresh ARMT starts out exactly as its backbone
+
+    def model_card(self) -> str:
+        """README.md text for this model: the card of the folder it was loaded from, if that has one; else a
+        generated ARMT card (what it is, its hyper-parameters, how to load it)."""
+        source = Path(self.name_or_path or "")
+        if self.name_or_path and (source / "README.md").is_file():
+            return (source / "README.md").read_text()
+        config, base = self.config, self.config.base_config
+        options = ", ".join(
+            f"`{name}={getattr(config, name)}`"
+            for name in ("num_mem_tokens", "d_mem", "segment_size", "dpfp_nu", "correction", "wrap_pos",
+                         "normalize_features", "use_denominator", "layers_with_memory", "memory_dtype")
+        )
+        return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- armt
+- custom_code
+---
+
+# ARMT ({base.model_type} backbone)
+
+An Associative Recurrent Memory Transformer (Rodkin et al. 2024, [arXiv 2407.04841](https://arxiv.org/abs/2407.04841)):
+a stock `{base.model_type}` causal LM ({base.num_hidden_layers} layers, hidden size {base.hidden_size}, vocabulary
+{base.vocab_size}) that reads its input in segments of {config.segment_size} tokens and carries an associative memory
+from segment to segment, so the cost of each new token stays constant however long the input is.
+
+Hyper-parameters: {options}.
+
+```python
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("<this repo>", trust_remote_code=True)
+```
+"""
+
+    def push_to_hub(
+        self, repo_id: str, commit_message: str | None = None, private: bool | None = None, token: str | None = None,
+        max_shard_size: int | str = "50GB", create_pr: bool = False, revision: str | None = None,
+        commit_description: str | None = None, tags: list[str] | None = None, **kwargs,
+    ):
+        """As `PreTrainedModel.push_to_hub`, with this model's card (`model_card()`) as the repo's README.md instead
+        of transformers' blank one."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        card = self.model_card()
+        if tags:
+            card = card.replace("- custom_code\n", "- custom_code\n" + "".join(f"- {tag}\n" for tag in tags), 1)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            Path(folder, "README.md").write_text(card)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload ARMT model",
+                commit_description=commit_description, revision=revision, create_pr=create_pr,
+            )
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
         # Checkpointing is per segment (the memory hooks must run inside the recomputation), not per backbone layer.

@@ -2,10 +2,12 @@
 `python -m eval.babilong` on the same samples."""
 
 import json
+import random
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from lm_eval.api.instance import Instance
@@ -46,6 +48,18 @@ def one_thread():
 def lm(model_dir, one_thread):
     """chunk_size 5: requests cross chunk and segment boundaries at different places."""
     return ARMTLM(pretrained=str(model_dir), device="cpu", chunk_size=5)
+
+
+@pytest.fixture
+def cli_state(monkeypatch):
+    """lm_eval's CLI seeds the global RNGs and sets sys.argv and TOKENIZERS_PARALLELISM: put them back afterwards."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    monkeypatch.setattr(sys, "argv", ["armt-lm-eval"])
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    yield
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
 
 
 def full_logprobs(lm, ids: list[int]) -> torch.Tensor:
@@ -119,7 +133,7 @@ def test_prompt_pieces_are_tokenized_separately_like_eval_babilong(lm):
     assert lm.tok_encode(prompt) != gpt2_tokenizer()(prompt.replace(PIECE_BREAK, ""))["input_ids"]
 
 
-def test_babilong_task_reproduces_eval_babilong_predictions(tmp_path, monkeypatch, one_thread):
+def test_babilong_task_reproduces_eval_babilong_predictions(tmp_path, monkeypatch, one_thread, cli_state):
     """The default model (trained on qa1) on 1k-token samples, so that answers depend on the prompt's tokens."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("ARMT_EVAL_CACHE", str(tmp_path / "cache"))
@@ -129,7 +143,6 @@ def test_babilong_task_reproduces_eval_babilong_predictions(tmp_path, monkeypatc
     lines = (tmp_path / "babilong" / "predictions" / "qa1_1k.jsonl").read_text().splitlines()
     expected = [row for row in map(json.loads, lines) if "index" in row]  # not the settings header
 
-    monkeypatch.setattr(sys, "argv", ["armt-lm-eval"])
     harness_main(["--model", "armt", "--model_args", f"pretrained={DEFAULT_MODEL},threads=1", "--device", "cpu",
                   "--tasks", "babilong_qa1_1k", "--metadata", json.dumps({"haystack": [str(hay)], "samples": 4}),
                   "--log_samples", "--output_path", str(tmp_path / "harness")])
@@ -154,8 +167,7 @@ def test_entry_point_adds_the_task_folder_unless_an_include_path_is_given():
     assert tasks == {f"babilong_qa{n}_{length}" for n in range(1, 6) for length in HUB_LENGTHS}
 
 
-def test_a_bad_model_folder_is_a_one_line_error_with_exit_code_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["armt-lm-eval"])
+def test_a_bad_model_folder_is_a_one_line_error_with_exit_code_2(tmp_path, capsys, cli_state):
     with pytest.raises(SystemExit) as exit_info:
         harness_main(["--model", "armt", "--model_args", f"pretrained={tmp_path}", "--device", "cpu",
                       "--tasks", "babilong_qa1_0k"])

@@ -14,7 +14,8 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -48,6 +49,52 @@ def data_file(root: str | Path, task: str, length: str) -> Path:
 # Building samples
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Facts at sorted random gaps in background text: the background's haystack sentence indices in reading order,
+    the gap of every fact (fact i goes right before background sentence `slots[i]`; `len(background)`: after the
+    last), and how many tokens the background exceeds the requested count by."""
+
+    background: list[int]
+    slots: list[int]
+    overshoot: int
+
+    def order(self) -> Iterator[tuple[bool, int]]:
+        """(is a fact, its index among the facts or the background) in reading order."""
+        fact = 0
+        for gap in range(len(self.background) + 1):
+            while fact < len(self.slots) and self.slots[fact] == gap:
+                yield True, fact
+                fact += 1
+            if gap < len(self.background):
+                yield False, gap
+
+
+def layout_facts(haystack: Haystack, num_facts: int, tokens: int, rng: random.Random,
+                 count_tokens: Callable[[list[int]], list[int]] | None = None) -> Layout:
+    """The BABILong layout, used by evaluation data and training samples alike: background sentences from a random
+    start (wrapping around) until their token counts first reach `tokens`, and `num_facts` facts at sorted uniformly
+    random gaps between them (they keep their order). Token counts are the haystack's (GPT-2's, as BABILong counts
+    its lengths) or `count_tokens(sentence indices)` (another tokenizer's, for training)."""
+    start = rng.randrange(len(haystack))
+    if count_tokens is None:
+        indices, overshoot = haystack.take(start, tokens)
+        background = indices.tolist()
+    else:
+        background, got = [], 0
+        while got < tokens:
+            chunk = [(start + len(background) + j) % len(haystack) for j in range(64)]
+            for index, count in zip(chunk, count_tokens(chunk)):
+                background.append(index)
+                got += count
+                if got >= tokens:
+                    break
+        overshoot = max(got - tokens, 0)
+    slots = sorted(rng.choices(range(len(background) + 1), k=num_facts))
+    return Layout(background, slots, overshoot)
+
+
+
 class SampleBuilder:
     """Mixes bAbI samples into background text of a Haystack at a given length."""
 
@@ -66,23 +113,20 @@ class SampleBuilder:
         budget = length - PROMPT_RESERVE
         if fact_tokens > budget:
             return None
-        indices, overshoot = self.haystack.take(rng.randrange(len(self.haystack)), budget - fact_tokens)
-        slots = sorted(rng.choices(range(len(indices) + 1), k=len(babi.facts)))
-        return self._interleave(babi.facts, slots, indices, overshoot)
+        layout = layout_facts(self.haystack, len(babi.facts), budget - fact_tokens, rng)
+        return self._interleave(babi.facts, layout)
 
-    def _interleave(self, facts, slots, indices, overshoot) -> Iterator[str]:
-        sentences = self.haystack.sentences
-        fact = 0
-        for gap in range(len(indices) + 1):
-            while fact < len(facts) and slots[fact] == gap:
-                yield facts[fact]
-                fact += 1
-            if gap < len(indices):
-                sentence = sentences[indices[gap]]
-                if gap == len(indices) - 1 and overshoot > 0:  # cut the last sentence to the exact budget
-                    ids = self.tokenizer(" " + sentence)["input_ids"][:-overshoot]
-                    sentence = self.tokenizer.decode(ids)[1:]
-                yield sentence
+    def _interleave(self, facts: list[str], layout: Layout) -> Iterator[str]:
+        sentences, last = self.haystack.sentences, len(layout.background) - 1
+        for is_fact, index in layout.order():
+            if is_fact:
+                yield facts[index]
+                continue
+            sentence = sentences[layout.background[index]]
+            if index == last and layout.overshoot > 0:  # cut the last sentence to the exact budget
+                ids = self.tokenizer(" " + sentence)["input_ids"][: -layout.overshoot]
+                sentence = self.tokenizer.decode(ids)[1:]
+            yield sentence
 
     def samples(self, task: str, length: str,
                 babi_dir: str | Path | None = None) -> Iterator[tuple[Iterator[str], str, str]]:

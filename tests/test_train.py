@@ -1,4 +1,5 @@
-"""train.py: the loss falls, resuming is exact, truncated BPTT and gradient checkpointing keep loss and gradients."""
+"""train.py (the training package): the loss falls, resuming is exact and skips incomplete checkpoints, truncated BPTT
+and gradient checkpointing keep loss and gradients, training data shares eval's layout, --help answers at once."""
 
 import json
 import os
@@ -6,12 +7,24 @@ import random
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 import modeling_armt
-import train
+from training import TrainError, cli
+from training.data import (
+    CUT_MARGIN,
+    BabilongTask,
+    Curriculum,
+    CurriculumDataset,
+    data_collator,
+    parse_curriculum,
+    synthetic_haystack,
+)
+from training.loss import ARMTTrainer, armt_loss, segment_groups, shifted_targets
 from conftest import ROOT, tiny_armt
 
 TINY = ["--hidden-size", "32", "--layers", "2", "--heads", "2", "--num-mem-tokens", "2", "--d-mem", "8",
@@ -28,11 +41,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def run(argv: list[str]) -> train.ARMTTrainer:
-    return train.run(*train.parse_args(argv))
+def run(argv: list[str]) -> ARMTTrainer:
+    return cli.run(*cli.parse_args(argv))
 
 
-def losses(trainer: train.ARMTTrainer) -> dict[int, float]:
+def losses(trainer: ARMTTrainer) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
 
 
@@ -60,6 +73,30 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
         assert torch.equal(value, final[name]), name
 
 
+def test_resume_skips_a_checkpoint_that_a_killed_save_left_incomplete(tmp_path, caplog):
+    args = [*TINY_AR, "--curriculum", "1,2", "--max-steps", "4", "--batch-size", "2", "--learning-rate", "3e-3",
+            "--save-steps", "2", "--output-dir", str(tmp_path)]
+    full = run(args)
+    (tmp_path / "checkpoint-4" / "trainer_state.json").unlink()  # killed before the Trainer wrote its state
+    (tmp_path / "checkpoint-6").mkdir()  # killed before anything was written
+    with pytest.raises(TrainError, match="incomplete"):
+        run([*args, "--resume", str(tmp_path / "checkpoint-4")])
+    steps = []
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    with caplog.at_level("WARNING", logger="train"):
+        resumed = cli.run(*cli.parse_args([*args, "--resume"]), callbacks=[Steps()])
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipping")]
+    assert len(skipped) == 2 and "checkpoint-6: no model weights" in skipped[0]
+    assert "checkpoint-4: no trainer_state.json" in skipped[1]
+    assert steps == [3, 4] and losses(resumed) == losses(full)  # continued from checkpoint-2
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, full.model.state_dict()[name]), name
+
+
 def test_no_memory_ablation_keeps_w_v_zero_so_nothing_passes_between_segments(tmp_path):
     trainer = run([*TINY_AR, "--no-memory", "--curriculum", "2", "--max-steps", "3", "--batch-size", "4",
                    "--learning-rate", "3e-3", "--output-dir", str(tmp_path)])
@@ -76,10 +113,10 @@ def test_no_memory_ablation_keeps_w_v_zero_so_nothing_passes_between_segments(tm
 def test_existing_checkpoints_need_resume(tmp_path):
     run([*TINY_AR, "--curriculum", "1", "--max-steps", "2", "--batch-size", "2", "--save-steps", "2",
          "--output-dir", str(tmp_path)])
-    with pytest.raises(train.TrainError, match="--resume"):
+    with pytest.raises(TrainError, match="--resume"):
         run([*TINY_AR, "--curriculum", "1", "--max-steps", "2", "--output-dir", str(tmp_path)])
     with pytest.raises(SystemExit):
-        train.main([*TINY_AR, "--bptt-depth", "0", "--output-dir", str(tmp_path / "other")])
+        cli.main([*TINY_AR, "--bptt-depth", "0", "--output-dir", str(tmp_path / "other")])
 
 
 def test_gradient_checkpointing_and_full_depth_bptt_keep_the_loss_curve(tmp_path):
@@ -142,8 +179,8 @@ def plain_loss_and_grads(model, ids, labels):
 
 def group_loss_and_grads(model, ids, labels, depth):
     model.zero_grad()
-    count = int((train.shifted_targets(labels) != -100).sum())
-    loss, _, _ = train.armt_loss(model, model, ids, labels, bptt_depth=depth, scale=1 / count,
+    count = int((shifted_targets(labels) != -100).sum())
+    loss, _, _ = armt_loss(model, model, ids, labels, bptt_depth=depth, scale=1 / count,
                                  backward=lambda value: value.backward())
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -157,11 +194,11 @@ def assert_same(got, expected):
 
 
 def test_segment_groups_are_aligned_to_the_end():
-    assert train.segment_groups(37, 8, None) == [(0, 37)]
-    assert train.segment_groups(37, 8, 5) == [(0, 37)]
-    assert train.segment_groups(37, 8, 2) == [(0, 8), (8, 24), (24, 37)]
-    assert train.segment_groups(37, 8, 1) == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 37)]
-    assert train.segment_groups(32, 8, 2) == [(0, 16), (16, 32)]
+    assert segment_groups(37, 8, None) == [(0, 37)]
+    assert segment_groups(37, 8, 5) == [(0, 37)]
+    assert segment_groups(37, 8, 2) == [(0, 8), (8, 24), (24, 37)]
+    assert segment_groups(37, 8, 1) == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 37)]
+    assert segment_groups(32, 8, 2) == [(0, 16), (16, 32)]
 
 
 @pytest.mark.parametrize("depth", [None, 5, 9])
@@ -201,12 +238,12 @@ def test_rows_labelled_at_different_columns_give_the_plain_loss_gradients_and_ac
     torch.testing.assert_close(group_loss_and_grads(model, ids, labels, 2)[0], plain[0], atol=1e-6, rtol=1e-6)
     with torch.no_grad():
         logits = model(ids).logits
-        _, count, correct = train.armt_loss(model, model, ids, labels, bptt_depth=2)
-    targets = train.shifted_targets(labels)
+        _, count, correct = armt_loss(model, model, ids, labels, bptt_depth=2)
+    targets = shifted_targets(labels)
     expected = ((logits.argmax(-1) == targets) | (targets == -100)).all(1)
     assert int(count) == 7 and torch.equal(correct, expected)
     labels[:, 1:] = torch.where(labels[:, 1:] == -100, -100, logits.argmax(-1)[:, :-1])
-    assert train.armt_loss(model, model, ids, labels, bptt_depth=2)[2].all()  # labels = argmax: all correct
+    assert armt_loss(model, model, ids, labels, bptt_depth=2)[2].all()  # labels = argmax: all correct
 
 
 @pytest.mark.parametrize("depth", [None, 2])
@@ -226,7 +263,7 @@ def test_babilong_samples_have_the_step_length_and_loss_on_the_answer_only():
     from eval.tokenizer import gpt2_tokenizer
 
     tokenizer = gpt2_tokenizer()
-    task = train.BabilongTask("qa1", tokenizer, train.synthetic_haystack(tokenizer, 300), segment_size=64)
+    task = BabilongTask("qa1", tokenizer, synthetic_haystack(tokenizer, 300), segment_size=64)
     for index in range(6):
         length = task.length(1 + index % 3, random.Random(index))
         sample = task.sample(random.Random(index), length)
@@ -242,8 +279,8 @@ def test_context_questions_ask_the_storys_earlier_questions_with_their_answers()
     from eval.tokenizer import gpt2_tokenizer
 
     tokenizer = gpt2_tokenizer()
-    haystack = train.synthetic_haystack(tokenizer, 300)
-    task = train.BabilongTask("qa1", tokenizer, haystack, segment_size=64, context_questions=True)
+    haystack = synthetic_haystack(tokenizer, 300)
+    task = BabilongTask("qa1", tokenizer, haystack, segment_size=64, context_questions=True)
     inner = 0
     for index in range(8):
         sample = task.sample(random.Random(index), 400)
@@ -266,7 +303,7 @@ def test_context_questions_ask_the_storys_earlier_questions_with_their_answers()
             assert moves and moves[-1] == answer, (before, answer)
         inner += len(spans) - 1
     assert inner >= 8  # stories' earlier questions were asked inside the inputs
-    plain = train.BabilongTask("qa1", tokenizer, haystack, segment_size=64)
+    plain = BabilongTask("qa1", tokenizer, haystack, segment_size=64)
     assert sum(label != -100 for label in plain.sample(random.Random(0), 400)["labels"]) <= 3
 
 
@@ -275,7 +312,7 @@ def test_answer_prefix_makes_the_answer_the_facts_own_token():
     from eval.tokenizer import gpt2_tokenizer
 
     tokenizer = gpt2_tokenizer()
-    task = train.BabilongTask("qa1", tokenizer, train.synthetic_haystack(tokenizer, 300), segment_size=64,
+    task = BabilongTask("qa1", tokenizer, synthetic_haystack(tokenizer, 300), segment_size=64,
                               answer_prefix=" ")
     for index in range(4):
         sample = task.sample(random.Random(index), 120)
@@ -290,15 +327,15 @@ def test_a_first_stage_of_zero_segments_gives_the_stories_alone():
     from eval.tokenizer import gpt2_tokenizer
 
     tokenizer = gpt2_tokenizer()
-    task = train.BabilongTask("qa1", tokenizer, train.synthetic_haystack(tokenizer, 300), segment_size=48)
-    curriculum = train.Curriculum(train.parse_curriculum("0,2"), stage_steps=2)
+    task = BabilongTask("qa1", tokenizer, synthetic_haystack(tokenizer, 300), segment_size=48)
+    curriculum = Curriculum(parse_curriculum("0,2"), stage_steps=2)
     assert [curriculum.segments(step) for step in range(2)] == [0, 0] and curriculum.segments(5) in (1, 2)
     sample = task.sample(random.Random(0), task.length(0, random.Random(0)))
     text = tokenizer.decode(sample["input_ids"])
     sentences = text.split("Where is")[0].split(". ")
     assert all(re.fullmatch(r"(Mary|John|Daniel|Sandra) [a-z ]+ to the [a-z]+\.?", s) for s in sentences), text
     other = task.sample(random.Random(1), 0)
-    batch = train.data_collator(tokenizer)([sample, other])
+    batch = data_collator(tokenizer)([sample, other])
     width = max(len(sample["input_ids"]), len(other["input_ids"]))
     assert len(sample["input_ids"]) != len(other["input_ids"]) and batch["input_ids"].shape == (2, width)
     short = min((sample, other), key=lambda s: len(s["input_ids"]))
@@ -307,17 +344,17 @@ def test_a_first_stage_of_zero_segments_gives_the_stories_alone():
     assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (width - length)
     assert batch["labels"][row, len(short["labels"]):].eq(-100).all()
     for bad in ("1,0", "0", "0,0,1", "-1,2"):
-        with pytest.raises(train.TrainError, match="curriculum"):
-            train.parse_curriculum(bad)
+        with pytest.raises(TrainError, match="curriculum"):
+            parse_curriculum(bad)
 
 
 def test_all_samples_of_a_step_share_one_length_and_the_curriculum_grows():
     from eval.tokenizer import gpt2_tokenizer
 
     tokenizer = gpt2_tokenizer()
-    task = train.BabilongTask("qa1", tokenizer, train.synthetic_haystack(tokenizer, 300), segment_size=48)
-    curriculum = train.Curriculum((1, 2, 4), stage_steps=3)
-    data = train.CurriculumDataset(task, curriculum, num_steps=9, global_batch_size=3)
+    task = BabilongTask("qa1", tokenizer, synthetic_haystack(tokenizer, 300), segment_size=48)
+    curriculum = Curriculum((1, 2, 4), stage_steps=3)
+    data = CurriculumDataset(task, curriculum, num_steps=9, global_batch_size=3)
     lengths = [{len(data[step * 3 + row]["input_ids"]) for row in range(3)} for step in range(9)]
     assert all(len(s) == 1 for s in lengths)
     assert max(min(s) for s in lengths[:3]) <= 48 and max(min(s) for s in lengths[6:]) <= 4 * 48
@@ -333,10 +370,58 @@ def test_llama_backbone_and_init_from_a_checkpoint_or_a_backbone(tmp_path):
                  "--batch-size", "2", "--learning-rate", "0", "--output-dir", str(tmp_path / "again")])
     for name, value in first.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[name], value), name
-    with pytest.raises(train.TrainError, match="segment_size"):
+    with pytest.raises(TrainError, match="segment_size"):
         run([*TINY_AR, "--init-from", str(tmp_path / "first"), "--segment-size", "8", "--max-steps", "1",
              "--output-dir", str(tmp_path / "clash")])
     first.model.backbone.save_pretrained(tmp_path / "backbone")
     wrapped = run([*TINY_AR, "--init-from", str(tmp_path / "backbone"), "--max-steps", "1", "--batch-size", "2",
                    "--output-dir", str(tmp_path / "wrapped")])
     assert wrapped.model.config.segment_size == 4 and wrapped.model.config.num_mem_tokens == 2
+
+
+def test_training_and_evaluation_samples_are_laid_out_by_the_same_function():
+    """eval's SampleBuilder and training's BabilongTask, given one seed and one background budget, both place the
+    facts by `eval.data.layout_facts`: the same sentences with the facts in the same gaps (they differ only in
+    where the cut ends: eval cuts its last sentence, training CUT_MARGIN tokens more)."""
+    from eval.babi import generate_babi
+    from eval.data import PROMPT_RESERVE, SampleBuilder, layout_facts
+    from eval.tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    haystack = synthetic_haystack(tokenizer, 300)
+    task = BabilongTask("qa1", tokenizer, haystack, segment_size=64)
+    for seed in range(3):
+        babi = next(generate_babi("qa1", str(seed)))
+        fact_ids = [task._ids(" " + fact) for fact in babi.facts]
+        background_tokens = 1000 - PROMPT_RESERVE - sum(map(len, fact_ids))
+        layout = layout_facts(haystack, len(babi.facts), background_tokens, random.Random(seed))
+        pieces = [babi.facts[i] if is_fact else haystack.sentences[layout.background[i]] for is_fact, i in
+                  layout.order()]
+        uncut = len(pieces) - 1 - [is_fact for is_fact, _ in layout.order()][::-1].index(False)  # last sentence
+        uncut = uncut - 1 - [is_fact for is_fact, _ in layout.order()][:uncut][::-1].index(False)  # the one before
+        shared = " ".join(pieces[:uncut])
+        evaluated = " ".join(SampleBuilder(haystack, tokenizer).pieces(babi, 1000, random.Random(seed)))
+        context, _ = task._context(list(babi.facts), [(ids, [-100] * len(ids)) for ids in fact_ids],
+                                   1000 - PROMPT_RESERVE - CUT_MARGIN, random.Random(seed))
+        assert evaluated.startswith(shared) and tokenizer.decode(context).startswith(shared)
+        assert len(shared) > 0.8 * len(evaluated) and sum(fact in shared for fact in babi.facts) >= 1
+
+
+def test_help_answers_at_once_without_torch_and_matches_the_live_parser(tmp_path):
+    """The stored help text (training/help.txt) is the parser's: regenerate it with `python -m training.help`."""
+    from training import HELP_FILE
+    from training.help import live_help
+
+    assert HELP_FILE.read_text(encoding="utf-8") == live_help(), "stale: run python -m training.help"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    times = []
+    for command in (["train.py"], ["-m", "training"]):
+        start = time.monotonic()
+        result = subprocess.run([sys.executable, "-X", "importtime", *command, "--help"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+        times.append(time.monotonic() - start)
+        assert result.returncode == 0 and result.stdout == HELP_FILE.read_text(encoding="utf-8")
+        imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
+        assert not {"torch", "transformers"} & imported
+    assert max(times) < 3  # about 0.05 s on an idle core; importing torch alone takes longer than the bound
+

@@ -1,0 +1,5 @@
+"""`python -m training ...`: the same as `python train.py ...`."""
+
+from . import main
+
+main()

@@ -1,0 +1,136 @@
+"""The training loss: segment groups for truncated backpropagation through the memory, and the Trainer subclass."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+
+try:  # Ctrl-C while torch loads: exit 130 without a traceback
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import SequentialSampler
+    from transformers import EvalPrediction, Trainer
+
+    from modeling_armt import ARMTCache, ARMTForCausalLM
+except KeyboardInterrupt:
+    raise SystemExit(130) from None
+
+from .data import IGNORE_INDEX, Curriculum
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """targets[:, t] = labels[:, t + 1]: what the logits at position t must predict."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+
+
+def segment_groups(length: int, segment_size: int, depth: int | None) -> list[tuple[int, int]]:
+    """Column ranges of groups of `depth` segments, aligned to the end (the last group holds the last `depth`
+    segments, where the answer is); one group when `depth` is None or covers everything."""
+    num_segments = math.ceil(length / segment_size)
+    if depth is None or depth >= num_segments:
+        return [(0, length)]
+    starts = list(range((num_segments - depth) * segment_size, 0, -depth * segment_size))[::-1]
+    bounds = [0, *starts, length] if starts[0] > 0 else [*starts, length]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def armt_loss(model, unwrapped: ARMTForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor,
+              attention_mask: torch.Tensor | None = None, bptt_depth: int | None = None, scale: float = 1.0,
+              backward: Callable[[torch.Tensor], None] | None = None,
+              no_sync: Callable[[], object] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of the labelled tokens times `scale`, read group by group of `bptt_depth` segments.
+
+    Only the labelled (row, column) pairs get logits (the model's pair mask `logits_to_keep`). The memory is
+    detached between groups; every group's loss but the last
+    one is backpropagated at once through `backward` (inside `no_sync()`, for DDP), so that only one group's graph
+    is alive; the returned loss carries the graph of the last group (plus the earlier groups' values, detached).
+    Groups without labels before the last labelled one run without a graph; groups after it are not run.
+    Returns (loss, number of labelled tokens, per-row correctness of the greedy answer (all labelled tokens))."""
+    targets = shifted_targets(labels)
+    labelled = targets != IGNORE_INDEX
+    if not bool(labelled.any()):
+        raise ValueError("The batch has no labelled tokens.")
+    groups = segment_groups(input_ids.shape[1], unwrapped.config.segment_size, bptt_depth)
+    with_loss = [bool(labelled[:, s:e].any()) for s, e in groups]
+    last = max(i for i, has in enumerate(with_loss) if has)
+    cache: ARMTCache | None = unwrapped.new_cache(input_ids.shape[0]) if len(groups) > 1 else None
+    total = torch.zeros((), device=input_ids.device)
+    wrong = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    final = None
+    for index, (start, end) in enumerate(groups[: last + 1]):
+        mask = attention_mask[:, :end] if attention_mask is not None else None
+        pairs = labelled[:, start:end]  # (B, columns of the group)
+        grad = torch.is_grad_enabled() and with_loss[index]
+        sync = no_sync() if (index < last and grad and no_sync is not None) else nullcontext()
+        with sync, torch.set_grad_enabled(grad):
+            out = model(input_ids[:, start:end], attention_mask=mask, cache=cache, use_cache=False,
+                        logits_to_keep=pairs if with_loss[index] else 1)
+            if with_loss[index]:
+                rows = pairs.nonzero()[:, 0]
+                logits = out.logits.float()  # (labelled pairs, vocab), in the order of pairs.nonzero()
+                target = targets[:, start:end][pairs]
+                loss = F.cross_entropy(logits, target, reduction="sum") * scale
+                wrong[rows[logits.argmax(-1) != target]] = True
+                if index == last:
+                    final = loss
+                else:
+                    if backward is not None and loss.requires_grad:
+                        backward(loss)
+                    total = total + loss.detach()
+        if cache is not None and index < last:
+            cache.detach_memory_()
+    return final + total, labelled.sum(), ~wrong
+
+
+class ARMTTrainer(Trainer):
+    """Trainer with ARMT's segment-group loss (truncated BPTT), a sequential sampler (the curriculum is by step),
+    answer accuracy in evaluation and the curriculum stage in the logs."""
+
+    loss_is_scaled_for_ga = True  # the loss is normalised by num_items_in_batch (the whole accumulated batch)
+
+    def __init__(self, *args, bptt_depth: int | None = None, curriculum: Curriculum | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bptt_depth = bptt_depth
+        self.curriculum = curriculum
+
+    def _get_train_sampler(self, train_dataset=None):
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        if num_items_in_batch is None:  # a per-batch mean, scaled for gradient accumulation here
+            count = (shifted_targets(labels) != IGNORE_INDEX).sum().item()
+            scale = 1.0 / (max(count, 1) * (self.current_gradient_accumulation_steps if model.training else 1))
+        else:
+            scale = 1.0 / float(num_items_in_batch)
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                scale *= self.accelerator.num_processes  # DDP averages gradients over processes
+        training = model.training and torch.is_grad_enabled()
+        loss, _, correct = armt_loss(
+            model, self.accelerator.unwrap_model(model), inputs["input_ids"], labels, inputs.get("attention_mask"),
+            bptt_depth=self.bptt_depth if training else None, scale=scale,
+            backward=self.accelerator.backward if training else None,
+            no_sync=(lambda: self.accelerator.no_sync(model)) if training else None,
+        )
+        return (loss, {"correct": correct}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        count = int((shifted_targets(inputs["labels"]) != IGNORE_INDEX).sum())
+        with torch.no_grad():
+            loss, _, correct = armt_loss(model, self.accelerator.unwrap_model(model), inputs["input_ids"],
+                                         inputs["labels"], inputs.get("attention_mask"), scale=1.0 / max(count, 1))
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        correct = correct.float().unsqueeze(1)
+        return loss.detach(), correct, torch.ones_like(correct)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self.curriculum is not None and "loss" in logs:
+            logs["max_segments"] = self.curriculum.max_segments(max(self.state.global_step - 1, 0))
+        super().log(logs, *args, **kwargs)
+
+
+def answer_accuracy(prediction: EvalPrediction) -> dict[str, float]:
+    return {"accuracy": float(prediction.predictions.mean())}

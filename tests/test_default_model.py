@@ -27,9 +27,29 @@ def test_the_folder_is_self_contained_small_and_carries_the_repositorys_code():
             "modeling_armt.py", "tokenizer.json", "tokenizer_config.json", "README.md"} <= files
     assert (DEFAULT / "model.safetensors").stat().st_size <= 30 * 2**20  # the budget for the weights
     for name in ("configuration_armt.py", "modeling_armt.py"):
-        assert (DEFAULT / name).read_text() == (ROOT / name).read_text(), f"{name}: copy the repository's file"
+        assert (DEFAULT / name).read_text() == (ROOT / name).read_text(), (
+            f"{DEFAULT.name}/{name} differs from the repository's {name}: run python -m models.sync")
     assert json.loads((DEFAULT / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].startswith(
         "modeling_armt.")
+
+
+def test_models_sync_writes_the_repositorys_code_into_stale_model_folders(tmp_path, capsys):
+    from models.sync import main
+
+    folder = tmp_path / "some-armt"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "armt"}')
+    (folder / "modeling_armt.py").write_text("# an older copy\n")
+    (tmp_path / "not-armt").mkdir()
+    (tmp_path / "not-armt" / "config.json").write_text('{"model_type": "gpt2"}')
+    assert main(["--check", "--models", str(tmp_path)]) == 1
+    assert not (folder / "configuration_armt.py").exists()  # --check writes nothing
+    assert main(["--models", str(tmp_path)]) == 0
+    for name in ("configuration_armt.py", "modeling_armt.py"):
+        assert (folder / name).read_bytes() == (ROOT / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "not-armt").iterdir()) == ["config.json"]
+    assert main(["--check", "--models", str(tmp_path)]) == 0
+    assert "stale: " in capsys.readouterr().out
 
 
 def test_the_model_cards_license_is_the_packages():

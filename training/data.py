@@ -68,7 +68,7 @@ def parse_curriculum(value: str) -> tuple[int, ...]:
 
 
 class BabilongTask:
-    """BABILong-style samples of one bAbI task: facts at random gaps in background text, question, separator, answer.
+    """BABILong-style samples of one bAbI task: facts in eval's layout in background text, question, separator, answer.
 
     `length(num_segments, rng)` picks a total length ending somewhere in the last segment's second half; `sample`
     builds a sample of exactly that many tokens."""

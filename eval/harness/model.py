@@ -127,17 +127,17 @@ class ARMTLM(TemplateLM):
         with tqdm(total=sum(len(inputs) for inputs, _ in rows), desc="armt scoring", unit="tok", unit_scale=True,
                   disable=disable_tqdm) as progress:
             for first in range(0, len(order), self.batch_size):
-                batch = order[first : first + self.batch_size]
-                scored = self._score_batch([rows[i] for i in batch if len(rows[i][1])], progress, greedy)
-                for i in (i for i in batch if len(rows[i][1])):
-                    results[i] = next(scored)
+                batch = [i for i in order[first : first + self.batch_size] if len(rows[i][1])]
+                for i, result in zip(batch, self._score_batch([rows[i] for i in batch], progress, greedy)):
+                    results[i] = result
         return results
 
     @torch.no_grad()
-    def _score_batch(self, rows: list[tuple[np.ndarray, np.ndarray]], progress: tqdm, greedy: bool):
-        """Stream one left-padded batch through a fresh cache, chunk by chunk; yields (log-prob, greedy) per row."""
+    def _score_batch(self, rows: list[tuple[np.ndarray, np.ndarray]], progress: tqdm,
+                     greedy: bool) -> list[tuple[float, bool]]:
+        """Stream one left-padded batch through a fresh cache, chunk by chunk: (log-prob, greedy) per row."""
         if not rows:
-            return iter(())
+            return []
         pads = [max(len(inputs) for inputs, _ in rows) - len(inputs) for inputs, _ in rows]
         width = len(rows[0][0]) + pads[0]
         first_scored = min(width - len(targets) for _, targets in rows)
@@ -157,7 +157,7 @@ class ARMTLM(TemplateLM):
             logprob += torch.where(valid, picked, 0.0).sum(1, dtype=torch.float64)
             if greedy:
                 is_greedy &= ((logp.argmax(-1).cpu() == wanted) | ~valid).all(1)
-        return iter(zip(logprob.tolist(), is_greedy.tolist()))
+        return list(zip(logprob.tolist(), is_greedy.tolist()))
 
     def _stream(self, inputs: list[np.ndarray], pads: list[int], keep_from: int, progress: tqdm, cache=None):
         """Feed left-padded rows through `cache` (a new one if None) in chunks of `chunk_size` columns; yields

@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # torch and transformers are imported where used, so that --h
 
 logger = logging.getLogger("convert_checkpoint")
 
-MEMORY_PROJECTIONS = {"W_mq": "q_proj", "W_mk": "k_proj", "W_mv": "v_proj", "W_mb": "b_proj"}
+MEMORY_PROJECTIONS = {"W_mq": "query_proj", "W_mk": "key_proj", "W_mv": "value_proj", "W_mb": "beta_proj"}
 SOURCE_FORMATS = ("research", "outer-loop", "inner-loop")
 DTYPES = ("float32", "float16", "bfloat16")
 # Weight files looked for in a source folder, in order of preference.
@@ -218,7 +218,7 @@ def detect_format(keys) -> str:
         return "research"
     if "memory" in keys and any(k.startswith("model.") for k in keys):  # W_mq may be absent: no layer with memory
         return "inner-loop"
-    if "memory_embeddings" in keys and any(k.startswith("backbone.") for k in keys):
+    if any(k.startswith("memory_embeddings") for k in keys) and any(k.startswith("backbone.") for k in keys):
         raise ConversionError(
             "The checkpoint is already in this project's layout (`memory_embeddings`, `backbone.*`): load its folder "
             "with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True); there is nothing to convert."
@@ -264,7 +264,7 @@ def map_research_state_dict(state: dict[str, torch.Tensor], model: ARMTForCausal
     mapped, unknown, stray = {}, [], []
     for key, tensor in state.items():
         if key == "memory_cell.memory":
-            mapped["memory_embeddings"] = tensor
+            mapped["memory_embeddings.weight"] = tensor
             continue
         match = layer_re.match(key)
         if match:
@@ -369,7 +369,7 @@ def _split_position_table(mapped: dict[str, torch.Tensor], model: ARMTForCausalL
             "drop --wrap-pos if the checkpoint was trained without it."
         )
     mapped[key] = table[:stock_rows]
-    mapped["memory_position_embeddings"] = table[stock_rows:]
+    mapped["memory_position_embeddings.weight"] = table[stock_rows:]
 
 
 def check_state_dict(mapped: dict[str, torch.Tensor], model: ARMTForCausalLM) -> None:
@@ -950,7 +950,7 @@ segment, written by {config.num_mem_tokens} memory tokens at the end of every se
 Converted by `convert_checkpoint.py` of the armt-hf project from the **{source_format}** layout
 (source: `{name}`{backbone_note}). Saved as `{str(dtype).replace("torch.", "")}`.
 The weights are the source's, renamed to stock transformers keys (`backbone.*`) plus `memory_embeddings`,
-`memory_layers.N.{{q,k,v,b}}_proj` and, with wrap_pos, `memory_position_embeddings`.
+`memory_layers.N.{{query,key,value,beta}}_proj` and, with wrap_pos, `memory_position_embeddings`.
 
 | source file | bytes | sha256 |
 |---|---|---|

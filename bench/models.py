@@ -173,7 +173,7 @@ def describe(name: str, model: nn.Module) -> dict[str, Any]:
     info: dict[str, Any] = {"label": LABELS[name], "kind": kind, "backbone": family, "params": params}
     if kind == "armt":
         memory = sum(p.numel() for p in model.memory_layers.parameters())
-        info["memory_params"] = memory + model.memory_embeddings.numel()
+        info["memory_params"] = memory + model.memory_embeddings.weight.numel()
         info["armt"] = {k: getattr(model.config, k) for k in ("num_mem_tokens", "d_mem", "segment_size")}
         info["backbone_config"] = model.backbone.config.to_diff_dict()
     else:

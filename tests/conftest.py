@@ -45,7 +45,7 @@ def tiny_armt(family: str = "gpt2", seed: int = 0, random_memory: bool = True, b
     model = ARMTForCausalLM(ARMTConfig(base_config=tiny_backbone_config(family, **(backbone or {})), **kwargs))
     if random_memory:
         with torch.no_grad():
-            model.memory_embeddings.normal_(0, 1)
+            model.memory_embeddings.weight.normal_(0, 1)
             for layer in model.memory_layers:
                 for proj in (layer.q_proj, layer.k_proj, layer.v_proj):
                     proj.weight.normal_(0, 0.3)

@@ -212,7 +212,7 @@ def test_flags_beat_the_source_config_and_aliases_stand_in_for_missing_keys(tmp_
     assert (config["correction"], config["segment_size"], config["d_mem"]) == (False, 7, _spec(case)["d_mem"])
     reference = _research_state(case)
     converted = load_file(tmp_path / "out" / "model.safetensors")
-    torch.testing.assert_close(converted["memory_layers.1.q_proj.weight"],
+    torch.testing.assert_close(converted["memory_layers.1.query_proj.weight"],
                                reference["memory_cell.model.transformer.h.1.W_mq.weight"], atol=0, rtol=0)
 
 
@@ -269,7 +269,7 @@ def _bad_source(kind: str, tmp_path: Path) -> tuple[list, list[str]]:
         return ["--checkpoint", tmp_path / "truncated.bin", *common], ["Could not read the checkpoint", "truncated.bin"]
     if kind == "wrong_shape":
         return ["--checkpoint", bin_path, *common, "--d-mem", spec["d_mem"] - 1], [
-            "shape mismatches", "memory_layers.0.q_proj.weight", f"({spec['d_mem']}, 64)"]
+            "shape mismatches", "memory_layers.0.query_proj.weight", f"({spec['d_mem']}, 64)"]
     if kind == "missing_keys":
         state = {k: v.clone() for k, v in _research_state(case).items() if ".1.layer.mlp." not in k}
         torch.save(state, tmp_path / "partial.bin")

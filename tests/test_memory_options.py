@@ -120,7 +120,7 @@ def test_training_step_reaches_every_memory_parameter(name):
     ids = random_ids(model.config.vocab_size, 2, 3 * model.config.segment_size)
     model(ids, labels=ids).loss.backward()
     for param_name, param in model.named_parameters():
-        if param_name.startswith("memory_layers") and "b_proj.bias" not in param_name:
+        if param_name.startswith("memory_layers") and "beta_proj.bias" not in param_name:
             assert param.grad is not None and param.grad.abs().sum() > 0, param_name
 
 

@@ -49,7 +49,7 @@ def test_gradients_reach_every_parameter_through_all_segments(family):
     model(ids, labels=labels).loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     # the last segment's memory write feeds no later segment, so the last layer's W_k/W_v/W_b see no loss
-    assert no_grad == [] or all("memory_layers" in n and "q_proj" not in n for n in no_grad), no_grad
+    assert no_grad == [] or all("memory_layers" in n and "query_proj" not in n for n in no_grad), no_grad
     embed_grad = model.get_input_embeddings().weight.grad
     assert embed_grad[ids[:, :8].unique()].abs().sum() > 0  # first-segment tokens reach the loss via memory
 

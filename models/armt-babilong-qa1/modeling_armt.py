@@ -67,10 +67,18 @@ class ARMTMemoryLayer(nn.Module):
         self.normalize_features = config.normalize_features
         self.use_denominator = config.use_denominator
         self.memory_dtype = getattr(torch, config.memory_dtype)
-        self.q_proj = nn.Linear(d_model, config.d_mem, bias=False)  # W_q
-        self.k_proj = nn.Linear(d_model, config.d_mem, bias=False)  # W_k
-        self.v_proj = nn.Linear(d_model, d_model, bias=False)  # W_v, zero-initialised
-        self.b_proj = nn.Linear(d_model, 1, bias=True)  # W_b, the write strength beta
+        # Names of their own (not q_proj/k_proj/v_proj), so that a LoRA recipe for the backbone's attention does not
+        # catch them by accident; target them by these names on purpose.
+        self.query_proj = nn.Linear(d_model, config.d_mem, bias=False)  # W_q
+        self.key_proj = nn.Linear(d_model, config.d_mem, bias=False)  # W_k
+        self.value_proj = nn.Linear(d_model, d_model, bias=False)  # W_v, zero-initialised
+        self.beta_proj = nn.Linear(d_model, 1, bias=True)  # W_b, the write strength beta
+
+    # The names before 0.2 (read-only aliases for code that used them; checkpoints with the old keys load too)
+    q_proj = property(lambda self: self.query_proj)
+    k_proj = property(lambda self: self.key_proj)
+    v_proj = property(lambda self: self.value_proj)
+    b_proj = property(lambda self: self.beta_proj)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """phi(x) = DPFP(x) in the memory dtype, L2-normalised when the config says so."""
@@ -80,7 +88,7 @@ class ARMTMemoryLayer(nn.Module):
     def read(self, hidden_states: torch.Tensor, A: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         """y = phi(W_q h) A / (phi(W_q h) . z + eps) (no division without a denominator); returns h + y in h's
         dtype."""
-        projected = self.q_proj(hidden_states)
+        projected = self.query_proj(hidden_states)
         with torch.autocast(A.device.type, enabled=False):  # A and z stay in the memory dtype under autocast
             return self._read(hidden_states, self.features(projected), A, z)  # q: (B, T, d_key)
 
@@ -100,7 +108,7 @@ class ARMTMemoryLayer(nn.Module):
 
         `written` (B,) marks the rows whose memory already holds something; the others use vbar = 0, gamma = 1.
         """
-        k, v, b = self.k_proj(memory_states), self.v_proj(memory_states), self.b_proj(memory_states)
+        k, v, b = self.key_proj(memory_states), self.value_proj(memory_states), self.beta_proj(memory_states)
         with torch.autocast(A.device.type, enabled=False):  # A and z stay in the memory dtype under autocast
             # k: (B, M, d_key), v: (B, M, d_model), beta: (B, M, 1)
             return self._write(self.features(k), v.to(A.dtype), torch.sigmoid(b.to(A.dtype)), A, z, written)
@@ -120,6 +128,18 @@ class ARMTMemoryLayer(nn.Module):
                 z = z + k.sum(1)
         A = torch.baddbmm(A, k.transpose(1, 2), beta * (v - v_bar))  # (B, d_key, d_model)
         return A, z
+
+
+class ARMTMemoryEmbeddings(nn.Module):
+    """M learned vectors appended to every segment (the memory tokens), or, under wrap_pos, their position rows. A
+    module of its own so that PEFT can keep it trainable with an adapter (`modules_to_save=["memory_embeddings"]`)."""
+
+    def __init__(self, num_mem_tokens: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_mem_tokens, hidden_size))
+
+    def forward(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype).expand(batch_size, -1, -1)  # (B, M, d_model)
 
 
 class ARMTCacheLayer:
@@ -687,6 +707,17 @@ class ARMTMemoryInjector:
             _ACTIVE_STEP.reset(token)
 
 
+# State-dict keys before 0.2 -> now (regular expressions, as `from_pretrained(key_mapping=...)` takes them)
+LEGACY_KEYS = {
+    r"^memory_embeddings$": "memory_embeddings.weight",
+    r"^memory_position_embeddings$": "memory_position_embeddings.weight",
+    r"^memory_layers\.(\d+)\.q_proj\.": r"memory_layers.\1.query_proj.",
+    r"^memory_layers\.(\d+)\.k_proj\.": r"memory_layers.\1.key_proj.",
+    r"^memory_layers\.(\d+)\.v_proj\.": r"memory_layers.\1.value_proj.",
+    r"^memory_layers\.(\d+)\.b_proj\.": r"memory_layers.\1.beta_proj.",
+}
+
+
 class ARMTPreTrainedModel(PreTrainedModel):
     config_class = ARMTConfig
     base_model_prefix = "armt"
@@ -697,25 +728,44 @@ class ARMTPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`; checkpoints with the key names before 0.2 (`memory_embeddings`,
+        `memory_layers.N.{q,k,v,b}_proj`) load too."""
+        from transformers.core_model_loading import WeightRenaming
+
+        kwargs["key_mapping"] = {**LEGACY_KEYS, **(kwargs.get("key_mapping") or {})}
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # save_pretrained reverts the renamings used at load: drop ours, so that a save writes today's names
+        model._weight_conversions = [
+            transform for transform in getattr(model, "_weight_conversions", None) or []
+            if not (isinstance(transform, WeightRenaming) and set(transform.source_patterns) <= set(LEGACY_KEYS))
+        ] or None
+        return loaded
+
+    @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # ARMT builds its own ARMTCache in forward
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # All ARMT parameters are initialised from the top-level module: transformers skips parameter-less containers
-        # of custom code. The guarded `init` functions leave loaded parameters alone.
-        if not isinstance(module, ARMTModel):
+        # transformers visits the modules with parameters of their own; the ARMT ones are told apart by identity.
+        # The guarded `init` functions leave loaded parameters alone.
+        if not isinstance(self, ARMTModel):
             return
         std = getattr(self.config.base_config, "initializer_range", 0.02)
-        word_std = module.backbone.get_input_embeddings().weight.float().std().item()
-        init.normal_(module.memory_embeddings, 0.0, word_std)
-        if module.memory_position_embeddings is not None:
-            init.normal_(module.memory_position_embeddings, 0.0, std)
-        for layer in module.memory_layers:
-            for proj in (layer.q_proj, layer.k_proj, layer.b_proj):
-                init.normal_(proj.weight, 0.0, std)
-            init.zeros_(layer.b_proj.bias)
-            init.zeros_(layer.v_proj.weight)  # a fresh ARMT starts out exactly as its backbone
+        if module is self.memory_embeddings:
+            word_std = self.backbone.get_input_embeddings().weight.float().std().item()
+            init.normal_(module.weight, 0.0, word_std)
+        elif module is self.memory_position_embeddings:
+            init.normal_(module.weight, 0.0, std)
+        for layer in self.memory_layers:
+            if module is layer.value_proj:
+                init.zeros_(module.weight)  # a fresh ARMT starts out exactly as its backbone
+            elif module is layer.query_proj or module is layer.key_proj or module is layer.beta_proj:
+                init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
 
     def model_card(self) -> str:
         """README.md text for this model: the card of the folder it was loaded from, if that has one; else a
@@ -791,9 +841,9 @@ class ARMTModel(ARMTPreTrainedModel):
         super().__init__(config)
         self.backbone = AutoModelForCausalLM.from_config(config.base_config)
         self.generation_config = GenerationConfig.from_model_config(config.base_config)  # eos/bos/pad of the backbone
-        self.memory_embeddings = nn.Parameter(torch.zeros(config.num_mem_tokens, config.hidden_size))
+        self.memory_embeddings = ARMTMemoryEmbeddings(config.num_mem_tokens, config.hidden_size)
         self.memory_position_embeddings = (
-            nn.Parameter(torch.zeros(config.num_mem_tokens, config.hidden_size)) if config.wrap_pos else None
+            ARMTMemoryEmbeddings(config.num_mem_tokens, config.hidden_size) if config.wrap_pos else None
         )
         # memory_layers[i] belongs to backbone layer config.memory_layer_indices[i]; other layers run as they are
         self.memory_layers = nn.ModuleList(ARMTMemoryLayer(config) for _ in config.memory_layer_indices)
@@ -834,7 +884,7 @@ class ARMTModel(ARMTPreTrainedModel):
 
     def new_cache(self, batch_size: int) -> ARMTCache:
         """An empty ARMTCache for `batch_size` independent streams on this model's device."""
-        return ARMTCache(self.config, batch_size, device=self.memory_embeddings.device)
+        return ARMTCache(self.config, batch_size, device=self.memory_embeddings.weight.device)
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length: int) -> None:
         if (input_ids is None) == (inputs_embeds is None):
@@ -891,7 +941,7 @@ class ARMTModel(ARMTPreTrainedModel):
         """Read the input piece by piece (a piece ends where some row's segment fills); `run(start, end, embeds,
         piece, A, z)` makes one backbone call and returns (output or None, A, z). Returns the outputs."""
         length = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
-        device = self.memory_embeddings.device
+        device = self.memory_embeddings.weight.device
         outputs, start = [], 0
         while start < length:
             end, write_rows = cache.next_piece(real, start, length)
@@ -923,12 +973,14 @@ class ARMTModel(ARMTPreTrainedModel):
         the piece's tokens) and the memory state after the call."""
         num_memory = self.config.num_mem_tokens if piece.write else 0
         if piece.write:
-            memory = self.memory_embeddings.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
-            embeds = torch.cat([embeds, memory], dim=1)
+            embeds = torch.cat([embeds, self.memory_embeddings(embeds.shape[0], embeds.dtype)], dim=1)
+        memory_positions = None
+        if piece.write and self.memory_position_embeddings is not None:
+            memory_positions = self.memory_position_embeddings(1, embeds.dtype)[0]
         inputs = dict(inputs_embeds=embeds, attention_mask=piece.attention_mask, position_ids=piece.position_ids,
                       cache=piece.segment_cache, use_cache=piece.segment_cache is not None)
         with self.memory_injector.step(
-            A, z, piece.written, piece.read, num_memory, piece.write_rows, self.memory_position_embeddings
+            A, z, piece.written, piece.read, num_memory, piece.write_rows, memory_positions
         ) as step:
             if hidden:
                 output = self.backbone.base_model(**inputs).last_hidden_state[:, : piece.num_tokens]
@@ -1019,7 +1071,7 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
                 f"ARMT builds logits for all {length} positions of this input (logits_to_keep=0): pass "
                 "logits_to_keep=1 (or the positions you need) to keep memory flat on long inputs."
             )
-        device = self.memory_embeddings.device
+        device = self.memory_embeddings.weight.device
         if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 2:
             logits = self._pair_logits(input_ids, inputs_embeds, real, cache, use_cache, logits_to_keep, length)
         else:
@@ -1035,7 +1087,7 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
 
             pieces = self._stream(input_ids, inputs_embeds, real, cache, use_cache, run)
             vocab = self.get_output_embeddings().out_features
-            logits = torch.cat(pieces, dim=1) if pieces else self.memory_embeddings.new_zeros(batch_size, 0, vocab)
+            logits = torch.cat(pieces, dim=1) if pieces else self.memory_embeddings.weight.new_zeros(batch_size, 0, vocab)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -1050,7 +1102,7 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
         pairs = pairs.cpu()
         head = self.get_output_embeddings()
         plain = self.config.base_config.model_type in PLAIN_HEAD_MODELS
-        device = self.memory_embeddings.device
+        device = self.memory_embeddings.weight.device
         order = []
 
         def run(start, end, embeds, piece, A, z):
@@ -1069,7 +1121,7 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
 
         pieces = self._stream(input_ids, inputs_embeds, real, cache, use_cache, run)
         if not pieces:
-            return self.memory_embeddings.new_zeros(0, head.out_features)
+            return self.memory_embeddings.weight.new_zeros(0, head.out_features)
         return torch.cat(pieces)[torch.cat(order).argsort().to(device)]
 
 

@@ -31,6 +31,7 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.utils import GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
@@ -194,6 +195,8 @@ class ARMTCache(Cache):
         self.seen_tokens = 0
         self.segment_cache = DynamicCache()
         self.segment_mask: torch.Tensor | None = None  # (B, kv length), None when every entry is valid for every row
+        self.record_past = False  # assisted decoding: keep what undoes each memory write until the next crop()
+        self._undo: list[_Undo] = []
 
     @property
     def batch_size(self) -> int:
@@ -421,7 +424,8 @@ class ARMTCache(Cache):
     def _aligned_piece(self, num_tokens: int, write: bool, use_cache: bool, device: torch.device) -> "_Piece":
         """All rows at the same place of their segments and no padding: positions come from the key/value cache."""
         in_segment = self._segment_length()
-        segment_cache = self.segment_cache if (in_segment or (use_cache and not write)) else None
+        keep_keys = in_segment or (use_cache and not write) or (self.record_past and write)  # recording: undoable
+        segment_cache = self.segment_cache if keep_keys else None
         position_ids = attention_mask = None
         if write and self.wrap_pos:
             # explicit positions (memory rows replaced by the hook) need a mask, or they would read as packed sequences
@@ -468,12 +472,16 @@ class ARMTCache(Cache):
 
     def end_piece(self, piece: "_Piece", A: list[torch.Tensor], z: list[torch.Tensor | None]) -> None:
         """Take the memory state after `piece` and advance every row's counters by what it read."""
+        before = self.memory_state()
         for layer, layer_A, layer_z in zip(self.layers, A, z):
             layer.A, layer.z = layer_A, layer_z
         self.seen_tokens += piece.num_tokens
         if piece.advance is None:  # aligned
             self.row_tokens += piece.num_tokens
             if piece.write:
+                if self.record_past:  # the segment's keys/values (+ the memory tokens') and the memory before the write
+                    self._undo.append(_Undo(*before, self.memory_written, self.segment_cache, self.seen_tokens,
+                                            self.row_tokens.clone()))
                 self.memory_written = torch.ones_like(self.memory_written)
                 self._drop_segment()
             return
@@ -486,11 +494,26 @@ class ARMTCache(Cache):
             self.memory_written = self.memory_written | piece.write_rows
         self._trim_segment()
 
+    @property
+    def is_croppable(self) -> bool:
+        """`crop` can restore the state of an earlier length: always within the current segment; across memory writes
+        made since the last crop while `record_past` is on (assisted decoding)."""
+        return self.segment_mask is None
+
+    def activate_past_recording(self) -> None:
+        """Keep what undoes each memory write until the next `crop` (assisted decoding calls it: rejected draft tokens
+        that completed a segment must take their write back)."""
+        self.record_past = True
+
     def crop(self, max_length: int) -> None:
-        """Drop tokens of the current segment so that `max_length` tokens remain (negative: remove that many).
-        Tokens of finished segments are already in the memory and cannot be removed."""
-        if max_length < 0:
+        """Drop tokens so that `max_length` tokens remain (0 or negative, as transformers calls it: remove that many).
+        Tokens of the current segment can always be removed; with `record_past`, also those of segments finished
+        since the last crop (their memory writes are undone). Earlier ones are in the memory for good."""
+        if max_length <= 0:
             max_length = self.seen_tokens + max_length
+        while self._undo and max_length < self.seen_tokens - self._segment_length():
+            self._undo_write(self._undo.pop())
+        self._undo.clear()  # what is kept now is accepted: no later crop goes back past it
         removable = self._segment_length() if self.segment_mask is None and self.is_aligned else 0
         start = self.seen_tokens - removable
         if max_length < start or max_length > self.seen_tokens:
@@ -502,6 +525,16 @@ class ARMTCache(Cache):
             self.segment_cache.crop(max_length - self.seen_tokens)
         self.row_tokens -= self.seen_tokens - max_length
         self.seen_tokens = max_length
+
+    def _undo_write(self, undo: "_Undo") -> None:
+        """Back to the end of a segment, before its memory write: memory as it was, the segment's keys/values back."""
+        for layer, A, z in zip(self.layers, undo.A, undo.z):
+            layer.A, layer.z = A, z
+        self.memory_written = undo.written
+        self.segment_cache = undo.segment_cache
+        self.segment_cache.crop(-self.num_mem_tokens)  # the memory tokens' keys/values
+        self.segment_mask = None
+        self.seen_tokens, self.row_tokens = undo.seen_tokens, undo.row_tokens
 
 
 def _check_cache_layout(path, config: ARMTConfig, slices: dict) -> None:
@@ -562,6 +595,19 @@ def _check_cache_values(path, config: ARMTConfig, tensors: dict, seen_tokens: in
     if "segment_mask" not in tensors and bool((fill != length).any()) and not (length == 0 and bool((fill == 0).all())):
         raise ValueError(f"{path}: the segment holds {length} keys/values but the rows have read {fill.tolist()} "
                          "tokens of their current segment.")
+
+
+@dataclass
+class _Undo:
+    """What takes back one memory write (aligned rows): memory before it, the finished segment's keys/values (with
+    the memory tokens' at the end) and the counters at the segment's end."""
+
+    A: list[torch.Tensor]
+    z: list[torch.Tensor | None]
+    written: torch.Tensor
+    segment_cache: DynamicCache
+    seen_tokens: int
+    row_tokens: torch.Tensor
 
 
 @dataclass
@@ -1092,6 +1138,25 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        """ARMT keeps all its state in an ARMTCache: made here when assisted decoding (or an assistant's generate)
+        needs one before the first forward; other generations make it in the first forward."""
+        if generation_config.cache_implementation is not None:
+            raise ValueError(
+                f"ARMT keeps its state in an ARMTCache (memory plus the current segment's keys/values, constant size); "
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported: leave it unset."
+            )
+        assisted = generation_mode == GenerationMode.ASSISTED_GENERATION or generation_config.is_assistant
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False and assisted:
+            model_kwargs["cache"] = self.new_cache(batch_size)
+            if generation_config.is_assistant:
+                model_kwargs["cache"].activate_past_recording()
+            return
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
 
     def _pair_logits(self, input_ids, inputs_embeds, real, cache, use_cache, pairs: torch.Tensor, length: int):
         """Logits (pairs, vocab) of the (row, position) pairs that `pairs` (B, length) marks, in row-major order."""

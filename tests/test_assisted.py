@@ -1,0 +1,66 @@
+"""Assisted decoding, speculative decoding with an assistant model, and prompt lookup give exactly the tokens of plain
+greedy decoding, also when accepted or rejected draft tokens cross a segment boundary (memory writes are undone)."""
+
+import pytest
+import torch
+from conftest import tiny_armt, tiny_backbone_config
+from transformers import AutoModelForCausalLM
+
+
+def prompt(vocab_size: int, length: int = 13) -> torch.Tensor:
+    pattern = torch.randint(1, vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    return pattern.repeat(1, length // 5 + 1)[:, :length]  # repetitive, so prompt lookup proposes drafts
+
+
+def greedy(model, ids, **kwargs):
+    return model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prompt_lookup_equals_greedy(family):
+    model = tiny_armt(family)
+    ids = prompt(model.config.vocab_size)
+    assert torch.equal(greedy(model, ids, prompt_lookup_num_tokens=6), greedy(model, ids))
+
+
+def test_an_armt_assistant_equals_greedy():
+    model, assistant = tiny_armt("llama", seed=0), tiny_armt("llama", seed=1)
+    ids = prompt(model.config.vocab_size)
+    assert torch.equal(greedy(model, ids, assistant_model=assistant), greedy(model, ids))
+
+
+def test_a_plain_assistant_equals_greedy():
+    model = tiny_armt("llama")
+    torch.manual_seed(2)
+    assistant = AutoModelForCausalLM.from_config(tiny_backbone_config("llama")).eval()
+    ids = prompt(model.config.vocab_size)
+    assert torch.equal(greedy(model, ids, assistant_model=assistant), greedy(model, ids))
+
+
+def test_crop_back_across_memory_writes_restores_the_earlier_stream():
+    """With past recording, cropping back over two finished segments continues exactly like a stream that stopped
+    there; without it, tokens of finished segments cannot be removed."""
+    model = tiny_armt("llama")
+    ids = torch.randint(1, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        model(ids[:, :11], cache=cache)
+        cache.activate_past_recording()
+        model(ids[:, 11:30], cache=cache)  # writes at 16 and 24
+        cache.crop(-19)  # back to 11 tokens
+        assert cache.get_seq_length() == 11
+        resumed = model(ids[:, 11:], cache=cache).logits
+        expected = model(ids).logits[:, 11:]
+        torch.testing.assert_close(resumed, expected, atol=1e-5, rtol=0)
+        cache.crop(0)  # removes nothing
+        assert cache.get_seq_length() == 40
+        plain = model.new_cache(1)
+        model(ids[:, :30], cache=plain)
+        with pytest.raises(ValueError, match="already written into memory"):
+            plain.crop(20)
+
+
+def test_cache_implementation_is_a_clear_error():
+    model = tiny_armt("llama")
+    with pytest.raises(ValueError, match="cache_implementation='static' is not supported"):
+        greedy(model, prompt(model.config.vocab_size), cache_implementation="static")

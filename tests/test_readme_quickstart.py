@@ -31,5 +31,5 @@ def test_quick_start_runs_offline_in_bounded_memory_and_leaves_no_files(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, generated, finite, peak_mib = proc.stdout.split()[-4:]
     assert generated == "True" and finite == "True"
-    assert int(peak_mib) < 3 * 1024, f"peak RSS {peak_mib} MiB"
+    assert int(peak_mib) < 4 * 1024, f"peak RSS {peak_mib} MiB"  # 2.9 GB measured; 8.7 GB with the old loss line
     assert list(tmp_path.iterdir()) == []  # the saved model went to a temporary folder

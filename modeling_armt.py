@@ -30,7 +30,7 @@ from transformers import (
     AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel,
 )
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation.utils import GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
@@ -143,6 +143,76 @@ class ARMTMemoryEmbeddings(nn.Module):
         return self.weight.to(dtype).expand(batch_size, -1, -1)  # (B, M, d_model)
 
 
+class ARMTSegmentLayer(DynamicLayer):
+    """One backbone layer's keys/values of the current segment, in buffers allocated once for `capacity` entries: an
+    update writes its tokens in place and returns views, so a decode step copies one token, not the whole segment
+    (DynamicLayer concatenates: decode time grew about 10% over a segment). While autograd records, updates
+    concatenate instead (an in-place write would change tensors saved for backward)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self._keys = self._values = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.length = 0
+        self._keys = self._values = None
+
+    def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        batch, heads, _, _ = key_states.shape
+        keys = key_states.new_empty(batch, heads, capacity, key_states.shape[-1])
+        values = value_states.new_empty(batch, heads, capacity, value_states.shape[-1])
+        if self.length:
+            keys[:, :, : self.length], values[:, :, : self.length] = self.keys, self.values
+        self._keys, self._values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            self._keys = self._values = None  # autograd: concatenate, as DynamicLayer does
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        else:
+            if self._keys is None or end > self._keys.shape[-2] or self._keys.shape[0] != key_states.shape[0]:
+                self._allocate(key_states, value_states, max(self.capacity, end))
+            self._keys[:, :, self.length : end] = key_states
+            self._values[:, :, self.length : end] = value_states
+            self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        self.length = end
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.length = self.get_seq_length()
+
+    def drop_front(self, count: int) -> None:
+        """Forget the first `count` entries (no row needs them any more)."""
+        if not self.is_initialized:
+            return
+        self.keys, self.values = self.keys[:, :, count:].clone(), self.values[:, :, count:].clone()
+        self._keys = self._values = None  # the next update allocates anew
+        self.length = self.get_seq_length()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._keys = self._values = None
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._keys = self._values = None
+
+
+class ARMTSegmentCache(DynamicCache):
+    """The backbone's key/value cache for one segment, one `ARMTSegmentLayer` per backbone layer."""
+
+    def __init__(self, num_layers: int, capacity: int):
+        Cache.__init__(self, layers=[ARMTSegmentLayer(capacity) for _ in range(num_layers)])
+
+
 class ARMTCacheLayer:
     """Associative memory state of one memory layer: A (B, d_key, d_model) and z (B, d_key) in the config's
     memory dtype (float32 by default); z is None when the config keeps no denominator."""
@@ -184,6 +254,7 @@ class ARMTCache(Cache):
         ]
         super().__init__(layers=layers)
         self.memory_layer_indices = config.memory_layer_indices
+        self.num_backbone_layers = config.num_hidden_layers
         self.use_denominator = config.use_denominator
         self.wrap_pos = config.wrap_pos
         self.num_mem_tokens = config.num_mem_tokens
@@ -193,7 +264,7 @@ class ARMTCache(Cache):
         self.memory_written = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.row_tokens = torch.zeros(batch_size, dtype=torch.long)  # on CPU: it steers Python control flow
         self.seen_tokens = 0
-        self.segment_cache = DynamicCache()
+        self.segment_cache = self._new_segment_cache()
         self.segment_mask: torch.Tensor | None = None  # (B, kv length), None when every entry is valid for every row
         self.record_past = False  # assisted decoding: keep what undoes each memory write until the next crop()
         self._undo: list[_Undo] = []
@@ -253,8 +324,12 @@ class ARMTCache(Cache):
         return self.segment_cache.get_seq_length()
 
     def _drop_segment(self) -> None:
-        self.segment_cache = DynamicCache()
+        self.segment_cache = self._new_segment_cache()
         self.segment_mask = None
+
+    def _new_segment_cache(self) -> DynamicCache:
+        """Keys/values of one segment: buffers of segment_size + num_mem_tokens entries per layer."""
+        return ARMTSegmentCache(self.num_backbone_layers, self.segment_size + self.num_mem_tokens)
 
     def _trim_segment(self) -> None:
         """Drop leading key/value entries that no row needs any more."""
@@ -267,8 +342,7 @@ class ARMTCache(Cache):
         dead = int(alive.long().argmax())
         if dead:
             for layer in self.segment_cache.layers:
-                if layer.is_initialized:
-                    layer.keys, layer.values = layer.keys[:, :, dead:], layer.values[:, :, dead:]
+                layer.drop_front(dead)
             self.segment_mask = self.segment_mask[:, dead:]
         fill = self.segment_fill
         if bool(self.segment_mask.all()) and bool((fill == self._segment_length()).all()):

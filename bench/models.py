@@ -88,7 +88,7 @@ def build_model(name: str, tiny: bool = False, max_positions: int = 1024, seed: 
         model = ARMTForCausalLM(ARMTConfig(base_config=config, **(TINY_ARMT_KWARGS if tiny else ARMT_KWARGS)))
         with torch.no_grad():
             for layer in model.memory_layers:
-                layer.v_proj.weight.normal_(0.0, 0.02)
+                layer.value_proj.weight.normal_(0.0, 0.02)
     else:
         model = AutoModelForCausalLM.from_config(config)
     return model.eval()

@@ -47,7 +47,7 @@ def tiny_armt(family: str = "gpt2", seed: int = 0, random_memory: bool = True, b
         with torch.no_grad():
             model.memory_embeddings.weight.normal_(0, 1)
             for layer in model.memory_layers:
-                for proj in (layer.q_proj, layer.k_proj, layer.v_proj):
+                for proj in (layer.query_proj, layer.key_proj, layer.value_proj):
                     proj.weight.normal_(0, 0.3)
     return model.eval()
 

@@ -60,7 +60,7 @@ def test_memory_changes_the_later_segments(case, tmp_path, capsys):
     expected = load_file(FIXTURES / case / "expected.safetensors")
     with torch.no_grad():
         for layer in model.memory_layers:
-            layer.v_proj.weight.zero_()
+            layer.value_proj.weight.zero_()
         logits = model(expected["input_ids"]).logits
     segment = model.config.segment_size
     torch.testing.assert_close(logits[:, :segment], expected["logits"][:, :segment], atol=1e-4, rtol=0)

@@ -25,7 +25,7 @@ def tiny_model(tmp_path_factory):
     model = ARMTForCausalLM(ARMTConfig(base_config=backbone, num_mem_tokens=4, d_mem=8, segment_size=64))
     with torch.no_grad():  # W_v starts at zero; random values make memory reads matter
         for layer in model.memory_layers:
-            layer.v_proj.weight.normal_(0, 0.3)
+            layer.value_proj.weight.normal_(0, 0.3)
     folder = tmp_path_factory.mktemp("tiny-armt")
     model.save_pretrained(folder)
     return folder

@@ -48,7 +48,7 @@ def test_memory_changes_later_segments_only(name):
     with torch.no_grad():
         logits = model(ids).logits
         for layer in model.memory_layers:
-            layer.v_proj.weight.zero_()
+            layer.value_proj.weight.zero_()
         without = model(ids).logits
     segment = model.config.segment_size
     torch.testing.assert_close(logits[:, :segment], without[:, :segment], atol=1e-6, rtol=0)

@@ -25,7 +25,7 @@ def test_fresh_armt_on_one_segment_equals_backbone(family):
     ids = random_ids(model, length=8)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, backbone(ids).logits, atol=1e-5, rtol=0)
-    assert all((layer.v_proj.weight == 0).all() for layer in model.memory_layers)
+    assert all((layer.value_proj.weight == 0).all() for layer in model.memory_layers)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -101,7 +101,7 @@ def test_no_memory_ablation_keeps_w_v_zero_so_nothing_passes_between_segments(tm
     trainer = run([*TINY_AR, "--no-memory", "--curriculum", "2", "--max-steps", "3", "--batch-size", "4",
                    "--learning-rate", "3e-3", "--output-dir", str(tmp_path)])
     model = trainer.model.eval()
-    assert all(not layer.v_proj.weight.any() for layer in model.memory_layers)
+    assert all(not layer.value_proj.weight.any() for layer in model.memory_layers)
     assert any(not p.equal(torch.zeros_like(p)) for p in model.memory_layers.parameters())  # q/k/b are not zero
     segment = model.config.segment_size
     first, second = torch.randint(1, 10, (2, 1, segment)), torch.randint(1, 10, (1, segment))
@@ -212,7 +212,7 @@ def test_truncated_bptt_keeps_the_loss_and_cuts_gradients():
     model = tiny_model()
     ids, labels = batch(model, every=5)
     plain = plain_loss_and_grads(model, ids, labels)
-    key = "memory_layers.0.k_proj.weight"  # memory writes: their gradient comes from later segments' reads
+    key = "memory_layers.0.key_proj.weight"  # memory writes: their gradient comes from later segments' reads
     truncated = group_loss_and_grads(model, ids, labels, 2)
     torch.testing.assert_close(truncated[0], plain[0], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(truncated[1][key], plain[1][key])

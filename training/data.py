@@ -263,14 +263,17 @@ def synthetic_haystack(tokenizer, sentences: int = 2000, seed: int = 0):
     return Haystack.from_texts([text], tokenizer, name="synthetic", use_cache=False)
 
 
-def load_tokenizer(name: str):
-    if name == "gpt2":
+def load_tokenizer(name: str, tokenizer=None):
+    """The tokenizer `name` names ("gpt2": the offline GPT-2 BPE), or `tokenizer` (a backbone's own) when given;
+    checked for an EOS token and padded with it when it has no padding token."""
+    if tokenizer is None and name == "gpt2":
         from eval.tokenizer import gpt2_tokenizer
 
         return gpt2_tokenizer()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.eos_token_id is None:
         raise TrainError(f"The tokenizer {name!r} has no EOS token, which ends every answer.")
     if tokenizer.pad_token is None:  # stage-0 batches are right-padded; the padding is masked out
@@ -287,8 +290,9 @@ def data_collator(tokenizer):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
 
-def build_task(args: argparse.Namespace, seed: int):
-    """(task, tokenizer or None, vocabulary size the data needs, EOS id)."""
+def build_task(args: argparse.Namespace, seed: int, tokenizer=None):
+    """(task, tokenizer or None, vocabulary size the data needs, EOS id); `tokenizer`: the backbone's own, used
+    unless --tokenizer names one."""
     if args.task == "ar":
         from eval.associative_retrieval import EOS_TOKEN, GEN_TOKEN, segment_size
 
@@ -298,7 +302,10 @@ def build_task(args: argparse.Namespace, seed: int):
         task = AssociativeRetrievalTask(args.ar_task == "rewrite", args.key_size, args.value_size, args.num_symbols,
                                         seed)
         return task, None, max(GEN_TOKEN, EOS_TOKEN, args.num_symbols - 1) + 1, EOS_TOKEN
-    tokenizer = load_tokenizer(args.tokenizer)
+    if args.tokenizer is not None or tokenizer is None:
+        tokenizer = load_tokenizer(args.tokenizer or "gpt2")
+    else:
+        tokenizer = load_tokenizer(args.init_from, tokenizer)
     sources = args.haystack or ["austen"]
     if sources == ["synthetic"]:
         haystack = synthetic_haystack(tokenizer, seed=seed)

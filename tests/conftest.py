@@ -58,7 +58,6 @@ def fixture_cases() -> list[str]:
 
 
 # still imported by test_convert_checkpoint.py; the fixtures now live in the repository, so it never skips there
-needs_shared = pytest.mark.skipif(not FIXTURES.exists(), reason=f"{FIXTURES} is missing")
 
 
 @pytest.fixture(autouse=True)

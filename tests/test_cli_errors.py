@@ -89,6 +89,12 @@ def test_user_errors_exit_2_with_one_error_line(case, tiny_model, bad_model, tmp
     assert message in result.stderr.split("error: ", 1)[1], result.stderr[-2000:]
 
 
+def default_sigint() -> None:
+    """In the child: Ctrl-C as a terminal sends it. A runner started in the background (CI) passes SIGINT on as
+    ignored, and a Python started so never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("cli", ["eval.babilong", "eval.associative_retrieval", "train.py"])
 def test_ctrl_c_while_torch_loads_exits_130_quietly(cli, tiny_model, tmp_path):
     argv = {"eval.babilong": ["--offline", "--model", tiny_model, "--tasks", "qa1", "--lengths", "0k", "--output",
@@ -96,7 +102,7 @@ def test_ctrl_c_while_torch_loads_exits_130_quietly(cli, tiny_model, tmp_path):
             "eval.associative_retrieval": ["--model", tiny_model],
             "train.py": ["--task", "ar", "--output-dir", tmp_path / "out"]}[cli]
     process = subprocess.Popen([*command(cli), *map(str, argv)], cwd=ROOT, env=environment(tmp_path),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     maps = f"/proc/{process.pid}/maps"
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:

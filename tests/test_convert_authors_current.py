@@ -187,11 +187,22 @@ def test_ctrl_c_while_torch_loads_exits_130_quietly(tmp_path):
     import sys
     import time
 
+    def default_sigint():  # a runner started in the background (CI) passes SIGINT on as ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     process = subprocess.Popen(
         [sys.executable, "convert_checkpoint.py", "--checkpoint", FIXTURES / "llama_all", "--output", tmp_path / "out"],
         cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_sigint,
     )
-    time.sleep(0.5)  # argparse is done, torch and transformers are loading (several seconds here)
+    deadline = time.monotonic() + 60
+    while process.poll() is None and time.monotonic() < deadline:  # wait until torch's libraries are loading
+        try:
+            if "libtorch" in Path(f"/proc/{process.pid}/maps").read_text():
+                break
+        except OSError:
+            pass
+        time.sleep(0.01)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in err, err

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, ROOT, fixture_cases, needs_shared
+from conftest import FIXTURES, ROOT, fixture_cases
 from safetensors.torch import load_file, save_file
 from test_convert_hub_server import LocalHub
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -154,7 +154,6 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------------ fixtures and layouts
 
 
-@needs_shared
 @pytest.mark.parametrize("case", CASES)
 def test_reference_fixture_converts_and_matches_expected_logits(case, tmp_path, capsys):
     """Only the backbone config and segment size are given: num_mem_tokens, d_mem, wrap_pos come from the weights."""
@@ -173,7 +172,6 @@ def test_reference_fixture_converts_and_matches_expected_logits(case, tmp_path, 
     torch.testing.assert_close(_logits(tmp_path / "out", expected["input_ids"]), expected["logits"], atol=1e-4, rtol=0)
 
 
-@needs_shared
 @pytest.mark.parametrize("case", CASES)
 def test_outer_and_inner_loop_hub_layouts_convert_to_identical_logits(case, tmp_path, capsys, tiny_tokenizer):
     """Everything (backbone, hyper-parameters, tokenizer) comes from the Hub folders themselves: no flags."""
@@ -201,7 +199,6 @@ def test_outer_and_inner_loop_hub_layouts_convert_to_identical_logits(case, tmp_
     torch.testing.assert_close(outer_logits, expected["logits"], atol=1e-4, rtol=0)
 
 
-@needs_shared
 def test_flags_beat_the_source_config_and_aliases_stand_in_for_missing_keys(tmp_path, capsys):
     case = "gpt2"
     outer = _outer_loop_folder(case, tmp_path / "outer", keep_aliases_only=True)
@@ -216,7 +213,6 @@ def test_flags_beat_the_source_config_and_aliases_stand_in_for_missing_keys(tmp_
                                reference["memory_cell.model.transformer.h.1.W_mq.weight"], atol=0, rtol=0)
 
 
-@needs_shared
 def test_dtype_shards_and_tokenizer(tmp_path, capsys, tiny_tokenizer):
     case = "gpt2"
     spec = _spec(case)
@@ -331,7 +327,6 @@ BAD_INPUTS = ["truncated", "wrong_shape", "missing_keys", "untied_head", "unknow
               "no_backbone", "offline_backbone_id", "output_is_source", "existing_output"]
 
 
-@needs_shared
 @pytest.mark.parametrize("kind", BAD_INPUTS)
 def test_bad_input_gives_a_clear_error_and_leaves_the_file_system_as_it_was(kind, tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants
@@ -348,7 +343,6 @@ def test_bad_input_gives_a_clear_error_and_leaves_the_file_system_as_it_was(kind
     assert not (tmp_path / "code-ran").exists()
 
 
-@needs_shared
 @pytest.mark.parametrize("existing", [False, True])
 def test_interrupt_while_writing_leaves_no_half_written_output(existing, tmp_path, capsys, monkeypatch):
     spec = _spec("gpt2")
@@ -370,7 +364,6 @@ def test_interrupt_while_writing_leaves_no_half_written_output(existing, tmp_pat
     assert _snapshot(tmp_path) == before
 
 
-@needs_shared
 def test_verification_mismatch_is_an_error(tmp_path, capsys, monkeypatch):
     """A folder that reloads into a different model (here: its config.json altered after saving) is refused."""
     spec = _spec("gpt2")
@@ -421,7 +414,6 @@ save_file(logits, sys.argv[4])
 """
 
 
-@needs_shared
 def test_push_to_local_hub_then_from_pretrained_gives_identical_logits(tmp_path, tiny_tokenizer):
     """The CLI pushes to a local Hub stand-in (HF_ENDPOINT); a fresh isolated interpreter, which cannot import this
     project, loads the repo from that endpoint and the output folder alone; all give the same logits."""

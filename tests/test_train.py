@@ -428,7 +428,10 @@ def test_help_answers_at_once_without_torch_and_matches_the_live_parser(tmp_path
 
 
 
-def tiny_backbone_folder(folder, chat_template: str = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"):
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+
+
+def tiny_backbone_folder(folder, chat_template: str = CHAT_TEMPLATE):
     """A tiny Llama causal LM saved with its own tokenizer (the offline GPT-2 BPE) and a chat template."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -463,6 +466,18 @@ def test_init_from_a_backbone_folder_trains_with_its_tokenizer_and_saves_its_cha
     assert saved.apply_chat_template(messages, tokenize=False) == "<user>Where is Mary?"
 
 
+def test_init_from_an_armt_folder_keeps_its_tokenizer_and_chat_template(tmp_path):
+    _, tokenizer = tiny_backbone_folder(tmp_path / "backbone")
+    run([*BACKBONE_RUN, "--init-from", str(tmp_path / "backbone"), "--max-steps", "1",
+         "--output-dir", str(tmp_path / "stage1")])
+    trainer = run([*BACKBONE_RUN, "--init-from", str(tmp_path / "stage1"), "--max-steps", "1",
+                   "--output-dir", str(tmp_path / "stage2")])
+    from transformers import AutoTokenizer
+
+    assert trainer.processing_class.chat_template == tokenizer.chat_template
+    assert AutoTokenizer.from_pretrained(tmp_path / "stage2").chat_template == tokenizer.chat_template
+
+
 def test_lora_trains_attention_and_memory_only_and_saves_a_merged_folder_that_loads_alone(tmp_path):
     backbone, _ = tiny_backbone_folder(tmp_path / "backbone")
     run([*BACKBONE_RUN, "--init-from", str(tmp_path / "backbone"), "--lora-r", "4", "--max-steps", "2",
@@ -476,7 +491,8 @@ def test_lora_trains_attention_and_memory_only_and_saves_a_merged_folder_that_lo
     # exact: LoRA leaves the MLPs and the embeddings untouched; the merged attention and W_v moved
     for name in ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight"):
         torch.testing.assert_close(after[name], start[name], rtol=0, atol=0)
-    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"])
+    query = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(after[query], start[query])
     assert any(bool(layer.value_proj.weight.abs().sum() > 0) for layer in merged.memory_layers)
 
 
@@ -505,3 +521,20 @@ def test_init_from_smollm2_wraps_the_pretrained_backbone_and_trains_one_step(tmp
 
     saved = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert len(saved) == 49152 and "<|im_start|>" in saved.chat_template
+
+
+def test_measure_replaces_only_its_own_section_of_the_progress_file(tmp_path):
+    from training.measure import Setting, settings, write_section
+
+    path = tmp_path / "progress.md"
+    path.write_text("# Progress\n\nintro\n", encoding="utf-8")
+    write_section(path, "table 1")
+    path.write_text(path.read_text(encoding="utf-8") + "\n## Learning curve\n", encoding="utf-8")
+    write_section(path, "table 2")
+    text = path.read_text(encoding="utf-8")
+    assert "table 1" not in text and text.count("table 2") == 1
+    assert text.startswith("# Progress\n\nintro\n") and text.endswith("## Learning curve\n")
+    chosen = settings(lora_r=16, threads=2, grid=False)
+    assert chosen[0] == Setting() and all(sum(a != b for a, b in zip(vars(s).values(), vars(Setting()).values())) in
+                                          (1, 2) for s in chosen[1:])
+    assert len(settings(lora_r=16, threads=2, grid=True)) == 16

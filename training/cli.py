@@ -86,8 +86,8 @@ class ARMTArguments:
     separator: str = field(default="GEN", metadata={
         "help": "text between question and answer (as eval.babilong's --separator)"})
     tokenizer: str | None = field(default=None, metadata={
-        "help": '"gpt2" (offline GPT-2 BPE) or a tokenizer folder / Hub id (default: the --init-from backbone\'s own, '
-        'else gpt2)'})
+        "help": '"gpt2" (offline GPT-2 BPE) or a tokenizer folder / Hub id (default: the --init-from folder\'s or '
+        'file\'s own, else gpt2)'})
     ar_task: str = field(default="remember", metadata={"choices": ("remember", "rewrite"), "help": "AR task"})
     key_size: int = field(default=1, metadata={"help": "AR symbols per key"})
     value_size: int = field(default=1, metadata={"help": "AR symbols per value"})

@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps; the median is reported (default 3)")
     parser.add_argument("--haystack", default="austen", help='background text: "austen" (default) or "synthetic"')
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                        help="markdown file whose measurement section is replaced (default docs/default-model-progress.md)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown file whose measurement "
+                        "section is replaced (default docs/default-model-progress.md)")
     return parser
 
 

@@ -48,9 +48,9 @@ def backbone_config(args: argparse.Namespace, vocab_size: int, eos_token_id: int
 
 
 def load_backbone(source: str | None, with_tokenizer: bool = True):
-    """(backbone, tokenizer) that --init-from names when it is `smollm2`, a GGUF file or a backbone folder (the
-    tokenizer: the backbone's own, None for a folder without one or when `with_tokenizer` is false); (None, None)
-    for no --init-from or an ARMT folder, which `build_model` loads itself."""
+    """(backbone, tokenizer) that --init-from names when it is `smollm2`, a GGUF file or a backbone folder; for an
+    ARMT folder (which `build_model` loads itself) (None, tokenizer); (None, None) without --init-from. The tokenizer
+    is the folder's or file's own: None for a folder without one or when `with_tokenizer` is false."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not source:
@@ -76,9 +76,9 @@ def load_backbone(source: str | None, with_tokenizer: bool = True):
         config = AutoConfig.from_pretrained(source, trust_remote_code=True)
     except (OSError, ValueError) as err:
         raise TrainError(f"--init-from {source!r}: cannot read its config ({err}).") from err
-    if config.model_type == "armt":
-        return None, None
-    backbone = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    backbone = None
+    if config.model_type != "armt":
+        backbone = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     tokenizer = None
     if with_tokenizer:
         try:

@@ -44,7 +44,7 @@ def environment(tmp_path) -> dict[str, str]:
 
 
 def command(cli: str) -> list[str]:
-    return [sys.executable, "train.py"] if cli == "train.py" else [sys.executable, "-m", cli]
+    return [sys.executable, cli] if cli.endswith(".py") else [sys.executable, "-m", cli]
 
 
 def run(cli: str, argv: list, tmp_path) -> subprocess.CompletedProcess:
@@ -95,12 +95,14 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("cli", ["eval.babilong", "eval.associative_retrieval", "train.py"])
+@pytest.mark.parametrize("cli", ["eval.babilong", "eval.associative_retrieval", "train.py", "convert_checkpoint.py"])
 def test_ctrl_c_while_torch_loads_exits_130_quietly(cli, tiny_model, tmp_path):
     argv = {"eval.babilong": ["--offline", "--model", tiny_model, "--tasks", "qa1", "--lengths", "0k", "--output",
                               tmp_path / "out"],
             "eval.associative_retrieval": ["--model", tiny_model],
-            "train.py": ["--task", "ar", "--output-dir", tmp_path / "out"]}[cli]
+            "train.py": ["--task", "ar", "--output-dir", tmp_path / "out"],
+            "convert_checkpoint.py": ["--checkpoint", ROOT / "tests" / "fixtures" / "authors-armt" / "llama_all",
+                                      "--output", tmp_path / "out"]}[cli]
     process = subprocess.Popen([*command(cli), *map(str, argv)], cwd=ROOT, env=environment(tmp_path),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     maps = f"/proc/{process.pid}/maps"

@@ -6,12 +6,12 @@ argument errors at once."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from huggingface_hub import constants as hub_constants
@@ -30,12 +30,11 @@ class EvalError(Exception):
     """A problem the user can fix (bad argument, missing model, unreachable Hub); printed without a traceback."""
 
 
-def run_cli(run: Callable[[argparse.Namespace], object], args: argparse.Namespace,
-            errors: tuple[type[BaseException], ...] = (EvalError,)) -> None:
-    """Run a parsed command: a user error prints `error: ...` and exits 2; Ctrl-C (also while torch is being
+def run_cli(run: Callable[[Any], object], args: Any, errors: tuple[type[BaseException], ...] = (EvalError,)):
+    """Return `run(args)`; a user error (`errors`) prints `error: ...` and exits 2; Ctrl-C (also while torch is being
     imported) exits 130 without a traceback."""
     try:
-        run(args)
+        return run(args)
     except errors as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

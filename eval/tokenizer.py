@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 from pathlib import Path
@@ -20,9 +21,14 @@ def gpt2_files() -> tuple[Path, Path]:
     return data / "encoder.json", data / "vocab.bpe"
 
 
-@functools.cache
 def gpt2_tokenizer() -> GPT2Tokenizer:
-    """The real GPT-2 BPE tokenizer (50257 tokens, <|endoftext|> = 50256), built without the Hub."""
+    """The real GPT-2 BPE tokenizer (50257 tokens, <|endoftext|> = 50256), built without the Hub; a copy of its own,
+    so a caller that sets a chat template or special tokens changes no other caller's tokenizer."""
+    return copy.deepcopy(_gpt2_tokenizer())
+
+
+@functools.cache
+def _gpt2_tokenizer() -> GPT2Tokenizer:
     vocab, merges = gpt2_files()
     # transformers 5: GPT2Tokenizer is the fast (tokenizers) one and takes the two file paths as `vocab` / `merges`.
     tokenizer = GPT2Tokenizer(vocab=str(vocab), merges=str(merges), model_max_length=10**12)

@@ -167,3 +167,12 @@ def test_real_babi_files_can_replace_the_generator(tmp_path, haystack):
                           "question": "Where is John? ", "target": "hallway"}
     long = json.loads(data_file(tmp_path, "qa1", "1k").read_text())
     assert [r["target"] for r in long] == [r["target"] for r in records]
+
+
+def test_gpt2_tokenizer_copies_are_independent():
+    """Setting a chat template on one (as training does for a backbone folder) leaves every other caller's alone."""
+    from eval.tokenizer import gpt2_tokenizer
+
+    first = gpt2_tokenizer()
+    first.chat_template = "{{ messages }}"
+    assert gpt2_tokenizer().chat_template is None

@@ -355,12 +355,7 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
 
 
 def main(argv: list[str] | None = None) -> ARMTTrainer | None:
+    from eval.common import run_cli
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(*parse_args(argv))
-    except TrainError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        raise SystemExit(130) from None
+    return run_cli(lambda arguments: run(*parse_args(arguments)), argv, errors=(TrainError,))

@@ -98,6 +98,19 @@ def test_resume_skips_a_checkpoint_that_a_killed_save_left_incomplete(tmp_path, 
         assert torch.equal(value, full.model.state_dict()[name]), name
 
 
+def test_time_limit_stops_with_a_checkpoint_that_resume_continues_exactly(tmp_path):
+    args = [*TINY_AR, "--curriculum", "1,2", "--max-steps", "4", "--batch-size", "2", "--learning-rate", "3e-3",
+            "--save-steps", "100"]
+    full = run([*args, "--output-dir", str(tmp_path / "full")])
+    stopped = run([*args, "--time-limit", "0", "--output-dir", str(tmp_path / "cut")])
+    assert sorted(losses(stopped)) == [1] and cli.checkpoints(tmp_path / "cut")[0].name == "checkpoint-1"
+    assert (tmp_path / "cut" / "model.safetensors").is_file()  # the final model is saved as after --max-steps
+    resumed = run([*args, "--resume", "--output-dir", str(tmp_path / "cut")])
+    assert losses(resumed) == losses(full) and len(set(losses(full).values())) > 1
+    with pytest.raises(TrainError, match="--time-limit"):
+        cli.parse_args([*args, "--time-limit", "-1", "--output-dir", str(tmp_path / "bad")])
+
+
 def test_no_memory_ablation_keeps_w_v_zero_so_nothing_passes_between_segments(tmp_path):
     trainer = run([*TINY_AR, "--no-memory", "--curriculum", "2", "--max-steps", "3", "--batch-size", "4",
                    "--learning-rate", "3e-3", "--output-dir", str(tmp_path)])

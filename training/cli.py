@@ -36,13 +36,14 @@ import os
 import re
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
 try:  # Ctrl-C while torch and transformers load: exit 130 without a traceback
     import torch
-    from transformers import HfArgumentParser, TrainingArguments, set_seed
+    from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     from .data import (
@@ -132,6 +133,9 @@ class ARMTArguments:
     eval_segments: int | None = field(default=None, metadata={
         "help": "segments per evaluation sample (default: the curriculum's maximum)"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch"})
+    time_limit: float | None = field(default=None, metadata={
+        "metavar": "MINUTES", "help": "stop after MINUTES of training (counted from the first step) with a checkpoint "
+        "to --resume from; the final model is saved as after --max-steps"})
 
 
 # train.py's defaults where they differ from TrainingArguments'; --eval-steps 0 means no evaluation
@@ -189,6 +193,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainingArgu
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     if args.lora_r < 0:
         raise TrainError(f"--lora-r must be >= 0 (0: full fine-tuning), got {args.lora_r}.")
+    if args.time_limit is not None and args.time_limit < 0:
+        raise TrainError(f"--time-limit must be >= 0 minutes, got {args.time_limit}.")
     if args.bptt_depth is not None and args.bptt_depth < 1:
         raise TrainError(f"--bptt-depth must be >= 1, got {args.bptt_depth}.")
     if namespace.learning_rate < 0:
@@ -285,6 +291,24 @@ def writable_output(path: str) -> None:
         raise TrainError(f"Cannot write to --output-dir {folder} ({err.strerror or err}).") from None
 
 
+class TimeLimit(TrainerCallback):
+    """Stops training, with a checkpoint, once `minutes` have passed since the first step began."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60 * minutes
+        self.start: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.start is None:
+            self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.start >= self.seconds and not control.should_training_stop:
+            logger.info("--time-limit: %.1f minutes reached at step %d; saving a checkpoint and stopping.",
+                        self.seconds / 60, state.global_step)
+            control.should_training_stop = control.should_save = True
+
+
 def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: list | None = None) -> ARMTTrainer:
     """Build data, model and Trainer from parsed arguments, train, save the final model; returns the Trainer."""
     if args.threads is not None:
@@ -332,7 +356,7 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
         data_collator=data_collator(tokenizer),
         processing_class=tokenizer,
         compute_metrics=answer_accuracy if eval_data is not None else None,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), *([TimeLimit(args.time_limit)] if args.time_limit is not None else [])],
         bptt_depth=args.bptt_depth,
         curriculum=curriculum,
     )

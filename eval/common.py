@@ -223,11 +223,31 @@ def batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
     return [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
 
 
+def segment_aligned_batch(rows: list, segment_size: int, pad_token_id: int):
+    """(input_ids, attention_mask) of an ARMT batch in which every row's segment boundaries fall on the same columns:
+    each row's whole segments (counted over all its tokens but the last) from column 0, then padding, then the rest
+    of the row, ending at the last column. A row's output does not depend on where its padding sits (segments start
+    at its first real token and padding is neither attended to nor counted), but left padding puts the rows'
+    boundaries at different columns, and the model must then stop at each of them: about one backbone call per row
+    and segment instead of one per segment."""
+    import torch
+
+    heads = [(len(row) - 1) // segment_size * segment_size for row in rows]
+    tails = [len(row) - head for row, head in zip(rows, heads)]
+    width = max(heads) + max(tails)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (row, head, tail) in enumerate(zip(rows, heads, tails)):
+        input_ids[i, :head], input_ids[i, width - tail:] = row[:head], row[head:]
+        attention_mask[i, :head] = attention_mask[i, width - tail:] = 1
+    return input_ids, attention_mask
+
+
 def greedy_generate(model, prompts: list[list[int] | np.ndarray], max_new_tokens: int, pad_token_id: int,
                     eos_token_id: int | None, progress: str | None = None) -> list[list[int]]:
     """Greedy continuations of left-padded prompts (one batch), cut at EOS.
 
-    ARMT prompts longer than PREFILL_TOKENS are first streamed through the model's cache in whole-segment chunks,
+    ARMT batches are laid out by `segment_aligned_batch`. ARMT prompts longer than PREFILL_TOKENS are first streamed through the model's cache in whole-segment chunks,
     with a tqdm bar in tokens labelled `progress` (None: no bar); generate() then reads the last column and decodes.
     Each row's segments start at its first real token, so the answers equal those of the one-call prefill, and
     memory stays flat in the prompt length."""
@@ -237,9 +257,12 @@ def greedy_generate(model, prompts: list[list[int] | np.ndarray], max_new_tokens
 
     device = next(model.parameters()).device
     rows = [torch.as_tensor(np.asarray(prompt), dtype=torch.long) for prompt in prompts]
-    input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_token_id, padding_side="left")
-    attention_mask = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True, padding_value=0,
-                                  padding_side="left")
+    if hasattr(model, "new_cache"):
+        input_ids, attention_mask = segment_aligned_batch(rows, model.config.segment_size, pad_token_id)
+    else:
+        input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_token_id, padding_side="left")
+        attention_mask = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True, padding_value=0,
+                                      padding_side="left")
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     width = input_ids.shape[1]
     extra = {}

@@ -277,6 +277,29 @@ def test_prefill_progress_advances_by_tokens_within_a_single_sample(tiny_model, 
     assert bars == [("one sample", 299, 128), ("one sample", 299, 128), ("one sample", 299, 43)]
 
 
+@pytest.mark.parametrize("prefill_tokens", [64, 4096])
+def test_a_ragged_batch_answers_as_each_row_alone_with_one_backbone_call_per_segment(tiny_model, one_thread,
+                                                                                    monkeypatch, prefill_tokens):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, trust_remote_code=True).eval()
+    monkeypatch.setattr(common, "PREFILL_TOKENS", prefill_tokens)  # 64: the chunked prefill, one segment per call
+    generator = torch.Generator().manual_seed(1)
+    # lengths: a tail of exactly one segment (640 = 10 x 64), one token past a boundary, shorter than a segment
+    lengths = (700, 640, 577, 690, 703, 30, 620, 666)
+    prompts = [torch.randint(1, 50000, (n,), generator=generator).tolist() for n in lengths]
+    calls = []
+    hook = model.backbone.register_forward_hook(lambda *args: calls.append(1))
+    batched = common.greedy_generate(model, prompts, 3, 0, None)
+    hook.remove()
+    alone = [common.greedy_generate(model, [prompt], 3, 0, None)[0] for prompt in prompts]
+    assert batched == alone
+    ids, mask = common.segment_aligned_batch([torch.tensor(p) for p in prompts], 64, 0)
+    assert [ids[i][mask[i].bool()].tolist() for i in range(len(prompts))] == prompts
+    # 10 whole segments of 64 tokens, a tail (a boundary at 640's last token), 3 decoding steps; left padding: 80+
+    assert len(calls) <= 10 + 2 + 3
+
+
 def test_results_table_names_its_unit_and_n_per_cell():
     table = babilong.format_table([
         {"task": "qa1", "length": "0k", "accuracy": 0.5, "n": 4},

@@ -111,6 +111,32 @@ def test_time_limit_stops_with_a_checkpoint_that_resume_continues_exactly(tmp_pa
         cli.parse_args([*args, "--time-limit", "-1", "--output-dir", str(tmp_path / "bad")])
 
 
+class Poison(TrainerCallback):
+    """Puts a NaN into one gradient before the optimizer steps listed."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 in self.steps:
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+
+
+def test_a_step_with_nonfinite_gradients_is_skipped_and_a_diverged_run_stops(tmp_path, caplog):
+    args = [*TINY_AR, "--curriculum", "1", "--batch-size", "2", "--learning-rate", "3e-3", "--lr-scheduler",
+            "constant", "--save-steps", "100"]
+    one = run([*args, "--max-steps", "1", "--output-dir", str(tmp_path / "one")])
+    with caplog.at_level("WARNING", logger="train"):
+        skipped = cli.run(*cli.parse_args([*args, "--max-steps", "2", "--output-dir", str(tmp_path / "two")]),
+                          callbacks=[Poison({2})])
+    assert any("Step 2: gradients are not finite" in r.getMessage() for r in caplog.records)
+    for name, value in skipped.model.state_dict().items():  # step 2 changed nothing, Adam's state included
+        assert torch.equal(value, one.model.state_dict()[name]), name
+    with pytest.raises(TrainError, match="diverged: 10 optimizer steps in a row"):
+        cli.run(*cli.parse_args([*args, "--max-steps", "12", "--output-dir", str(tmp_path / "nan")]),
+                callbacks=[Poison(set(range(1, 13)))])
+
+
 def test_no_memory_ablation_keeps_w_v_zero_so_nothing_passes_between_segments(tmp_path):
     trainer = run([*TINY_AR, "--no-memory", "--curriculum", "2", "--max-steps", "3", "--batch-size", "4",
                    "--learning-rate", "3e-3", "--output-dir", str(tmp_path)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -10,13 +11,17 @@ try:  # Ctrl-C while torch loads: exit 130 without a traceback
     import torch
     import torch.nn.functional as F
     from torch.utils.data import SequentialSampler
-    from transformers import EvalPrediction, Trainer
+    from transformers import EvalPrediction, Trainer, TrainerCallback
 
     from modeling_armt import ARMTCache, ARMTForCausalLM
 except KeyboardInterrupt:
     raise SystemExit(130) from None
 
+from . import TrainError
 from .data import IGNORE_INDEX, Curriculum
+
+logger = logging.getLogger("train")
+NONFINITE_PATIENCE = 10  # optimizer steps in a row with non-finite gradients before training stops
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -83,14 +88,44 @@ def armt_loss(model, unwrapped: ARMTForCausalLM, input_ids: torch.Tensor, labels
     return final + total, labelled.sum(), ~wrong
 
 
+class SkipNonFiniteSteps(TrainerCallback):
+    """Drops an optimizer step whose gradients hold inf or NaN (the optimizer leaves parameters without a gradient
+    alone), so that one overflow does not make every weight NaN; after `patience` such steps in a row training stops
+    with a TrainError. (A NaN loss clipped by max_grad_norm turns every gradient NaN, and AdamW spreads it to all
+    trained weights in one step.)"""
+
+    def __init__(self, patience: int = NONFINITE_PATIENCE):
+        self.patience = patience
+        self.in_a_row = 0
+        self.skipped = 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+            self.in_a_row = 0
+            return
+        for p in model.parameters():
+            p.grad = None
+        self.in_a_row += 1
+        self.skipped += 1
+        logger.warning("Step %d: gradients are not finite; the optimizer step is skipped (%d so far).",
+                       state.global_step + 1, self.skipped)
+        if self.in_a_row >= self.patience:
+            raise TrainError(f"Training diverged: {self.in_a_row} optimizer steps in a row had non-finite gradients "
+                             f"(up to step {state.global_step + 1}). Resume from an earlier checkpoint with a lower "
+                             "--learning-rate (or --max-grad-norm), or without --bf16.")
+
+
 class ARMTTrainer(Trainer):
     """Trainer with ARMT's segment-group loss (truncated BPTT), a sequential sampler (the curriculum is by step),
-    answer accuracy in evaluation and the curriculum stage in the logs."""
+    answer accuracy in evaluation, the curriculum stage in the logs, and optimizer steps with non-finite gradients
+    skipped (SkipNonFiniteSteps)."""
 
     loss_is_scaled_for_ga = True  # the loss is normalised by num_items_in_batch (the whole accumulated batch)
 
     def __init__(self, *args, bptt_depth: int | None = None, curriculum: Curriculum | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.add_callback(SkipNonFiniteSteps())
         self.bptt_depth = bptt_depth
         self.curriculum = curriculum
 

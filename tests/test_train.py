@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from transformers import AutoConfig, TrainerCallback
 
 import modeling_armt
 from training import TrainError, cli
@@ -417,6 +417,14 @@ def test_llama_backbone_and_init_from_a_checkpoint_or_a_backbone(tmp_path):
     wrapped = run([*TINY_AR, "--init-from", str(tmp_path / "backbone"), "--max-steps", "1", "--batch-size", "2",
                    "--output-dir", str(tmp_path / "wrapped")])
     assert wrapped.model.config.segment_size == 4 and wrapped.model.config.num_mem_tokens == 2
+    assert not wrapped.model.config.normalize_features
+    normalized = run([*TINY_AR, "--init-from", str(tmp_path / "backbone"), "--normalize-features", "--max-steps", "1",
+                      "--batch-size", "2", "--output-dir", str(tmp_path / "normalized")])
+    assert normalized.model.config.normalize_features
+    assert AutoConfig.from_pretrained(tmp_path / "normalized", trust_remote_code=True).normalize_features
+    with pytest.raises(TrainError, match="normalize_features=False"):
+        run([*TINY_AR, "--init-from", str(tmp_path / "first"), "--normalize-features", "--max-steps", "1",
+             "--output-dir", str(tmp_path / "clash2")])
 
 
 def test_training_and_evaluation_samples_are_laid_out_by_the_same_function():

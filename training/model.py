@@ -105,11 +105,13 @@ def build_model(args: argparse.Namespace, vocab_size: int, eos_token_id: int, ba
     if backbone is None and args.init_from:
         backbone, _ = load_backbone(args.init_from, with_tokenizer=False)
     if backbone is not None:
-        model = ARMTForCausalLM.from_backbone(backbone, **armt)
+        model = ARMTForCausalLM.from_backbone(backbone, **armt, normalize_features=args.normalize_features)
         model.float()
     elif args.init_from:  # an ARMT folder
         config = AutoConfig.from_pretrained(args.init_from, trust_remote_code=True)
         given = {k: v for k, v in armt.items() if getattr(args, f"{k}_given")}
+        if args.normalize_features:
+            given["normalize_features"] = True
         clash = {k: v for k, v in given.items() if getattr(config, k) != v}
         if clash:
             raise TrainError(f"--init-from is an ARMT with {', '.join(f'{k}={getattr(config, k)}' for k in clash)}"
@@ -118,7 +120,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, eos_token_id: int, ba
     else:
         base = backbone_config(args, vocab_size, eos_token_id)
         try:
-            model = ARMTForCausalLM(ARMTConfig(base_config=base, **armt))
+            model = ARMTForCausalLM(ARMTConfig(base_config=base, **armt, normalize_features=args.normalize_features))
         except ValueError as err:
             raise TrainError(str(err)) from err
     if model.get_input_embeddings().num_embeddings < vocab_size:

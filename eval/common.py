@@ -243,6 +243,26 @@ def segment_aligned_batch(rows: list, segment_size: int, pad_token_id: int):
     return input_ids, attention_mask
 
 
+def prefill_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk: int,
+                  progress: str | None = None):
+    """An ARMTCache holding all columns but the last of a batch (laid out by `segment_aligned_batch`), streamed in
+    chunks of `chunk` columns with a tqdm bar in tokens labelled `progress` (None: no bar); generate() reads the last
+    column itself."""
+    import torch
+    from tqdm.auto import tqdm
+
+    width = input_ids.shape[1]
+    cache = model.new_cache(input_ids.shape[0])
+    total = int(attention_mask[:, : width - 1].sum())
+    with torch.no_grad(), tqdm(total=total, desc=progress, unit="tok", unit_scale=True, leave=False,
+                               disable=progress is None) as bar:
+        for start in range(0, width - 1, chunk):
+            end = min(start + chunk, width - 1)
+            model(input_ids[:, start:end], attention_mask=attention_mask[:, :end], cache=cache, logits_to_keep=1)
+            bar.update(int(attention_mask[:, start:end].sum()))
+    return cache
+
+
 def greedy_generate(model, prompts: list[list[int] | np.ndarray], max_new_tokens: int, pad_token_id: int,
                     eos_token_id: int | None, progress: str | None = None) -> list[list[int]]:
     """Greedy continuations of left-padded prompts (one batch), cut at EOS.
@@ -253,7 +273,6 @@ def greedy_generate(model, prompts: list[list[int] | np.ndarray], max_new_tokens
     memory stays flat in the prompt length."""
     import torch
     from torch.nn.utils.rnn import pad_sequence
-    from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     rows = [torch.as_tensor(np.asarray(prompt), dtype=torch.long) for prompt in prompts]
@@ -269,17 +288,8 @@ def greedy_generate(model, prompts: list[list[int] | np.ndarray], max_new_tokens
     with torch.no_grad():
         if hasattr(model, "new_cache") and width > PREFILL_TOKENS:
             segment = model.config.segment_size
-            chunk = max(1, PREFILL_TOKENS // segment) * segment
-            cache = model.new_cache(len(rows))
-            total = int(attention_mask[:, : width - 1].sum())
-            with tqdm(total=total, desc=progress, unit="tok", unit_scale=True, leave=False,
-                      disable=progress is None) as bar:
-                for start in range(0, width - 1, chunk):
-                    end = min(start + chunk, width - 1)
-                    model(input_ids[:, start:end], attention_mask=attention_mask[:, :end], cache=cache,
-                          logits_to_keep=1)
-                    bar.update(int(attention_mask[:, start:end].sum()))
-            extra["cache"] = cache
+            extra["cache"] = prefill_cache(model, input_ids, attention_mask,
+                                           max(1, PREFILL_TOKENS // segment) * segment, progress)
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -20,7 +20,16 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.models.utils_hf import stop_sequences_criteria
 from tqdm.auto import tqdm
 
-from ..common import EvalError, encode_long, load_model, load_tokenizer, pick_dtype, resolve_model
+from ..common import (
+    EvalError,
+    encode_long,
+    load_model,
+    load_tokenizer,
+    pick_dtype,
+    prefill_cache,
+    resolve_model,
+    segment_aligned_batch,
+)
 from . import PIECE_BREAK
 
 logger = logging.getLogger(__name__)
@@ -207,20 +216,16 @@ class ARMTLM(TemplateLM):
 
     def _generate(self, contexts: list[str], until: list[str], max_new_tokens: int, kwargs: dict,
                   disable_tqdm: bool) -> list[str]:
-        encoded = [self.encode(context).tolist() or [self.prefix_token_id] for context in contexts]
-        padded = self.tokenizer.pad({"input_ids": encoded}, padding_side="left", return_tensors="pt")
-        input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
+        encoded = [torch.tensor(self.encode(context).tolist() or [self.prefix_token_id]) for context in contexts]
+        # every row's segment boundaries on the same columns: one backbone call per segment, not per row and segment
+        input_ids, attention_mask = segment_aligned_batch(encoded, self.model.config.segment_size, self.pad_token_id)
+        input_ids, attention_mask = input_ids.to(self._device), attention_mask.to(self._device)
         width = input_ids.shape[1]
-        pads = [width - len(ids) for ids in encoded]
-        cache = self.model.new_cache(len(contexts))
-        prefill = [np.asarray(ids[:-1], dtype=np.int64) for ids in encoded]
-        with tqdm(total=sum(map(len, prefill)), desc="armt prefill", unit="tok", unit_scale=True, leave=False,
-                  disable=disable_tqdm or width < PREFILL_BAR_TOKENS) as progress:
-            for _ in self._stream(prefill, pads, width, progress, cache):
-                pass
+        show = not disable_tqdm and width >= PREFILL_BAR_TOKENS
+        cache = prefill_cache(self.model, input_ids, attention_mask, self.chunk_size, "armt prefill" if show else None)
         output = self.model.generate(
-            input_ids=input_ids.to(self._device),
-            attention_mask=attention_mask.to(self._device),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             cache=cache,
             max_new_tokens=max_new_tokens,
             stopping_criteria=stop_sequences_criteria(self.tokenizer, until, width, len(contexts)),

@@ -1217,14 +1217,19 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
         """ARMT keeps all its state in an ARMTCache: made here when assisted decoding (or an assistant's generate)
-        needs one before the first forward; other generations make it in the first forward."""
-        if generation_config.cache_implementation is not None:
+        needs one before the first forward, or when `cache_implementation="static"` asks for it by name (the
+        ARMTCache is static: fixed-size memory and the segment's keys/values in buffers allocated once per segment);
+        other generations make it in the first forward."""
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "static"):
             raise ValueError(
-                f"ARMT keeps its state in an ARMTCache (memory plus the current segment's keys/values, constant size); "
-                f"cache_implementation={generation_config.cache_implementation!r} is not supported: leave it unset."
+                f"ARMT keeps its state in an ARMTCache (fixed-size memory plus the current segment's keys/values in "
+                f"buffers allocated once per segment); cache_implementation={implementation!r} is not supported: "
+                "leave it unset or pass 'static' (the same cache)."
             )
         assisted = generation_mode == GenerationMode.ASSISTED_GENERATION or generation_config.is_assistant
-        if model_kwargs.get("cache") is None and generation_config.use_cache is not False and assisted:
+        wanted = assisted or implementation == "static"
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False and wanted:
             model_kwargs["cache"] = self.new_cache(batch_size)
             if generation_config.is_assistant:
                 model_kwargs["cache"].activate_past_recording()

@@ -60,7 +60,12 @@ def test_crop_back_across_memory_writes_restores_the_earlier_stream():
             plain.crop(20)
 
 
-def test_cache_implementation_is_a_clear_error():
-    model = tiny_armt("llama")
-    with pytest.raises(ValueError, match="cache_implementation='static' is not supported"):
-        greedy(model, prompt(model.config.vocab_size), cache_implementation="static")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_static_cache_implementation_is_the_armt_cache_and_others_are_a_clear_error(family):
+    model = tiny_armt(family)
+    ids = prompt(model.config.vocab_size, length=30)  # crosses segment boundaries while decoding
+    expected = greedy(model, ids)
+    assert torch.equal(greedy(model, ids, cache_implementation="static"), expected)
+    for implementation in ("dynamic", "offloaded", "sliding_window"):
+        with pytest.raises(ValueError, match=f"cache_implementation='{implementation}' is not supported"):
+            greedy(model, ids, cache_implementation=implementation)

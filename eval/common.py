@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from huggingface_hub import constants as hub_constants
 
+from .delta import DELTA_JSON, build_from_delta
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -74,15 +76,22 @@ def hub_reachable(repo_id: str, repo_type: str = "dataset", timeout: float = HUB
 
 def resolve_model(model: str | None, offline: bool) -> str:
     """A local model folder (with a config.json), or a Hub id that is reachable now; EvalError with a way out
-    otherwise."""
+    otherwise. A delta folder (with a delta.json) resolves to the full folder built from it (eval.delta)."""
     if model is None:
         if not DEFAULT_MODEL.is_dir():
             raise EvalError(
                 f"No --model given and the project's default model folder {DEFAULT_MODEL} is missing (it ships with "
                 "the repository: restore it with `git checkout -- models`). Or pass --model PATH_OR_HUB_ID."
             )
-        return str(DEFAULT_MODEL)
+        if not (DEFAULT_MODEL / DELTA_JSON).is_file():
+            return str(DEFAULT_MODEL)
+        model = str(DEFAULT_MODEL)
     if Path(model).is_dir():
+        if (Path(model) / DELTA_JSON).is_file():
+            try:
+                return str(build_from_delta(model))
+            except (ValueError, RuntimeError, ImportError) as err:
+                raise EvalError(f"Cannot build the model of the delta folder {model}: {err}") from err
         if not (Path(model) / "config.json").is_file():
             raise EvalError(f"--model {model!r} is a folder without config.json, so not a model folder: pass a "
                             "folder written by save_pretrained() (or train.py), or a Hub id.")

@@ -121,7 +121,10 @@ def build_from_delta(folder: str | Path) -> Path:
         raise ValueError(f"the base {base!r} of {folder} is not the one the delta was saved over: sha256 {found}, "
                          f"delta.json expects {meta['base_sha256']}. Restore that base, or save the delta again "
                          "over this one.")
-    key = hashlib.sha256((folder / DELTA_WEIGHTS).read_bytes() + (folder / DELTA_JSON).read_bytes()).hexdigest()
+    digest = hashlib.sha256()  # every file: new code or tokenizer files (models.sync) mean a new build
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b"\0" + _sha256(path).encode())
+    key = digest.hexdigest()
     target = cache_dir() / "built" / f"{folder.resolve().name}-{key[:16]}"
     if _complete(target):
         return target

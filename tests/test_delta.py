@@ -89,6 +89,11 @@ def test_a_second_build_reuses_the_folder(saved, monkeypatch):
     assert delta.build_from_delta(folder) == built
     assert (built / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary folder left
+    with (folder / "modeling_armt.py").open("a") as f:  # new code (e.g. after models.sync): a new build
+        f.write("\n")
+    monkeypatch.undo()
+    rebuilt = delta.build_from_delta(folder)
+    assert rebuilt != built and rebuilt.name.startswith(folder.name)
 
 
 def test_a_changed_base_is_refused_naming_both_hashes(saved, tmp_path):

@@ -144,49 +144,40 @@ class ARMTLM(TemplateLM):
     @torch.no_grad()
     def _score_batch(self, rows: list[tuple[np.ndarray, np.ndarray]], progress: tqdm,
                      greedy: bool) -> list[tuple[float, bool]]:
-        """Stream one left-padded batch through a fresh cache, chunk by chunk: (log-prob, greedy) per row."""
+        """Stream one batch (laid out by `segment_aligned_batch`: one backbone call per segment) through a fresh
+        cache, chunk by chunk, keeping only the logits of the scored (row, column) pairs: (log-prob, greedy) per
+        row."""
         if not rows:
             return []
-        pads = [max(len(inputs) for inputs, _ in rows) - len(inputs) for inputs, _ in rows]
-        width = len(rows[0][0]) + pads[0]
-        first_scored = min(width - len(targets) for _, targets in rows)
-        # targets by column from first_scored on; -1 where a row scores nothing
-        targets = torch.full((len(rows), width - first_scored), -1, dtype=torch.long)
+        input_ids, attention_mask = segment_aligned_batch(
+            [torch.from_numpy(inputs) for inputs, _ in rows], self.model.config.segment_size, self.pad_token_id)
+        # each row's inputs sit at its real columns, in order; the last len(targets) of them are scored
+        targets = torch.full(input_ids.shape, -1, dtype=torch.long)
         for row, (_, target) in enumerate(rows):
-            targets[row, targets.shape[1] - len(target) :] = torch.from_numpy(target)
+            columns = attention_mask[row].nonzero().squeeze(1)
+            targets[row, columns[len(columns) - len(target) :]] = torch.from_numpy(target)
+        scored = targets >= 0
+        input_ids, attention_mask = input_ids.to(self._device), attention_mask.to(self._device)
+        cache = self.model.new_cache(len(rows))
         logprob = torch.zeros(len(rows), dtype=torch.float64)
         is_greedy = torch.ones(len(rows), dtype=torch.bool)
-        for start, end, logits in self._stream([inputs for inputs, _ in rows], pads, first_scored, progress):
-            if logits is None:
+        for start in range(0, input_ids.shape[1], self.chunk_size):
+            end = min(input_ids.shape[1], start + self.chunk_size)
+            keep = scored[:, start:end]
+            out = self.model(input_ids[:, start:end], attention_mask=attention_mask[:, :end], cache=cache,
+                             logits_to_keep=keep.to(self._device))
+            progress.update(int(attention_mask[:, start:end].sum()))
+            if not keep.any():
                 continue
-            wanted = targets[:, max(start, first_scored) - first_scored : end - first_scored]
-            valid = wanted >= 0
-            logp = logits.float().log_softmax(-1)  # (B, k, V): one chunk at most
-            picked = logp.gather(-1, wanted.clamp(min=0).unsqueeze(-1).to(logp.device)).squeeze(-1).cpu()
-            logprob += torch.where(valid, picked, 0.0).sum(1, dtype=torch.float64)
+            row_of = keep.nonzero()[:, 0]  # the pairs' rows, in the row-major order of the logits
+            wanted = targets[:, start:end][keep]
+            logp = out.logits.float().log_softmax(-1)  # (pairs, V): one chunk at most
+            picked = logp.gather(-1, wanted.unsqueeze(-1).to(logp.device)).squeeze(-1).cpu()
+            logprob.index_add_(0, row_of, picked.double())
             if greedy:
-                is_greedy &= ((logp.argmax(-1).cpu() == wanted) | ~valid).all(1)
+                missed = (logp.argmax(-1).cpu() != wanted).long()
+                is_greedy &= torch.zeros(len(rows), dtype=torch.long).index_add_(0, row_of, missed) == 0
         return list(zip(logprob.tolist(), is_greedy.tolist()))
-
-    def _stream(self, inputs: list[np.ndarray], pads: list[int], keep_from: int, progress: tqdm, cache=None):
-        """Feed left-padded rows through `cache` (a new one if None) in chunks of `chunk_size` columns; yields
-        (start, end, logits of the columns >= keep_from in [start, end), or None)."""
-        width = len(inputs[0]) + pads[0]
-        cache = cache if cache is not None else self.model.new_cache(len(inputs))
-        pad_ends = torch.tensor(pads).unsqueeze(1)
-        for start in range(0, width, self.chunk_size):
-            end = min(width, start + self.chunk_size)
-            ids = torch.full((len(inputs), end - start), self.pad_token_id, dtype=torch.long)
-            for row, (tokens, pad) in enumerate(zip(inputs, pads)):
-                if pad < end:
-                    lo = max(start, pad)
-                    ids[row, lo - start :] = torch.from_numpy(tokens[lo - pad : end - pad])
-            # the mask covers cached + new columns; it is needed only while some row is still in its padding
-            mask = (torch.arange(end) >= pad_ends).long().to(self._device) if start < max(pads) else None
-            keep = torch.arange(max(start, keep_from) - start, end - start) if keep_from < end else 1
-            out = self.model(ids.to(self._device), attention_mask=mask, cache=cache, logits_to_keep=keep)
-            progress.update(int(sum(end - max(start, pad) for pad in pads if pad < end)))
-            yield start, end, (out.logits if keep_from < end else None)
 
     # -----------------------------------------------------------------------------------------------------------
     # Generation

@@ -99,7 +99,7 @@ def save_delta(peft_model: PeftModel, folder: str | Path, base: str,
         save_file(tensors, tmp / DELTA_WEIGHTS, metadata={"format": "pt"})
         (tmp / DELTA_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
-    _write_atomically(folder, write, overwrite)
+    write_atomically(folder, write, overwrite)
     return folder
 
 
@@ -149,7 +149,7 @@ def build_from_delta(folder: str | Path) -> Path:
                 shutil.copy2(path, tmp / path.name)
 
     logger.info("Building %s from the delta %s over %s", target, folder, base)
-    _write_atomically(target, write, overwrite=True, keep_complete=True)
+    write_atomically(target, write, overwrite=True, keep_complete=True)
     return target
 
 
@@ -177,7 +177,7 @@ def _check_target(folder: Path, overwrite: bool) -> None:
         raise ValueError(f"{folder} exists and is not empty: choose another folder, or pass overwrite=True.")
 
 
-def _write_atomically(folder: Path, write: Callable[[Path], None], overwrite: bool,
+def write_atomically(folder: Path, write: Callable[[Path], None], overwrite: bool,
                       keep_complete: bool = False) -> None:
     """Run `write(tmp)` in a temporary sibling of `folder`, then rename it to `folder` (replacing an existing one
     only with `overwrite`; with `keep_complete`, a complete one that a concurrent writer put there first wins).

@@ -422,6 +422,16 @@ def test_llama_backbone_and_init_from_a_checkpoint_or_a_backbone(tmp_path):
                       "--batch-size", "2", "--output-dir", str(tmp_path / "normalized")])
     assert normalized.model.config.normalize_features
     assert AutoConfig.from_pretrained(tmp_path / "normalized", trust_remote_code=True).normalize_features
+    some = run([*TINY_AR, "--init-from", str(tmp_path / "backbone"), "--layers-with-memory", "1", "--max-steps", "1",
+                "--batch-size", "2", "--output-dir", str(tmp_path / "some")])
+    assert some.model.config.layers_with_memory == [1] and len(some.model.memory_layers) == 1
+    assert cli.parse_layers("1-3,5, 3") == [1, 2, 3, 5]
+    for bad in ("a-b", "", "-1"):
+        with pytest.raises(TrainError, match="--layers-with-memory"):
+            cli.parse_layers(bad)
+    with pytest.raises(TrainError, match="layers_with_memory"):
+        run([*TINY_AR, "--init-from", str(tmp_path / "backbone"), "--layers-with-memory", "7", "--max-steps", "1",
+             "--output-dir", str(tmp_path / "outside")])
     with pytest.raises(TrainError, match="normalize_features=False"):
         run([*TINY_AR, "--init-from", str(tmp_path / "first"), "--normalize-features", "--max-steps", "1",
              "--output-dir", str(tmp_path / "clash2")])

@@ -126,6 +126,10 @@ class ARMTArguments:
         "help": "L2-normalise the DPFP features of memory keys and queries (ARMTConfig.normalize_features, as in the "
         "authors' current code): keeps A and z bounded over a pretrained backbone's large activations (SmolLM2: A "
         "reaches 1e13 in 12 segments without it, 1.5e6 with it). Use it with --init-from a pretrained backbone"})
+    layers_with_memory: str | None = field(default=None, metadata={
+        "metavar": "LAYERS", "help": "backbone layers that get memory (ARMTConfig.layers_with_memory), e.g. 1-29 or "
+        "2,4,6 (default: all). On SmolLM2 a read into layer 0 swamps the token embeddings (26-37 times their "
+        "norm measured after 125 memory steps), so leave layer 0 out there"})
     final_dir: str | None = field(default=None, metadata={
         "help": "where the final model (and tokenizer) goes (default: --output-dir)"})
     resume: str | None = field(default=None, metadata={
@@ -197,6 +201,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainingArgu
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     if args.lora_r < 0:
         raise TrainError(f"--lora-r must be >= 0 (0: full fine-tuning), got {args.lora_r}.")
+    if args.layers_with_memory is not None:
+        args.layers_with_memory = parse_layers(args.layers_with_memory)
     if args.time_limit is not None and args.time_limit < 0:
         raise TrainError(f"--time-limit must be >= 0 minutes, got {args.time_limit}.")
     if args.bptt_depth is not None and args.bptt_depth < 1:
@@ -225,6 +231,21 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainingArgu
     except ValueError as err:
         raise TrainError(str(err)) from None
     return args, training_args
+
+
+def parse_layers(value: str) -> list[int]:
+    """--layers-with-memory: comma-separated layer indices and ranges (1-29) -> a sorted list without repeats."""
+    layers = set()
+    try:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            first, _, last = part.partition("-")
+            layers.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise TrainError(f"--layers-with-memory takes layer indices and ranges such as 1-29 or 2,4,6; got {value!r}."
+                         ) from None
+    if not layers or min(layers) < 0:
+        raise TrainError(f"--layers-with-memory needs layer indices >= 0, got {value!r}.")
+    return sorted(layers)
 
 
 # a checkpoint holds one of these; the Trainer writes trainer_state.json last (after weights, optimizer and RNG states)

@@ -98,6 +98,12 @@ def with_lora(model: ARMTForCausalLM, rank: int):
     return peft.get_peft_model(model, config)
 
 
+def memory_options(args: argparse.Namespace) -> dict:
+    """The ARMTConfig memory options train.py sets (--normalize-features, --layers-with-memory)."""
+    return dict(normalize_features=getattr(args, "normalize_features", False),
+                layers_with_memory=getattr(args, "layers_with_memory", None))
+
+
 def build_model(args: argparse.Namespace, vocab_size: int, eos_token_id: int, backbone=None) -> ARMTForCausalLM:
     """A fresh ARMT (backbone from scratch), or --init-from: an ARMT folder, or a backbone to wrap (`backbone`,
     from `load_backbone`)."""
@@ -105,13 +111,15 @@ def build_model(args: argparse.Namespace, vocab_size: int, eos_token_id: int, ba
     if backbone is None and args.init_from:
         backbone, _ = load_backbone(args.init_from, with_tokenizer=False)
     if backbone is not None:
-        model = ARMTForCausalLM.from_backbone(backbone, **armt, normalize_features=args.normalize_features)
+        try:
+            model = ARMTForCausalLM.from_backbone(backbone, **armt, **memory_options(args))
+        except ValueError as err:
+            raise TrainError(str(err)) from err
         model.float()
     elif args.init_from:  # an ARMT folder
         config = AutoConfig.from_pretrained(args.init_from, trust_remote_code=True)
         given = {k: v for k, v in armt.items() if getattr(args, f"{k}_given")}
-        if args.normalize_features:
-            given["normalize_features"] = True
+        given.update({k: v for k, v in memory_options(args).items() if v not in (None, False)})
         clash = {k: v for k, v in given.items() if getattr(config, k) != v}
         if clash:
             raise TrainError(f"--init-from is an ARMT with {', '.join(f'{k}={getattr(config, k)}' for k in clash)}"
@@ -120,7 +128,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, eos_token_id: int, ba
     else:
         base = backbone_config(args, vocab_size, eos_token_id)
         try:
-            model = ARMTForCausalLM(ARMTConfig(base_config=base, **armt, normalize_features=args.normalize_features))
+            model = ARMTForCausalLM(ARMTConfig(base_config=base, **armt, **memory_options(args)))
         except ValueError as err:
             raise TrainError(str(err)) from err
     if model.get_input_embeddings().num_embeddings < vocab_size:

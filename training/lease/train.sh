@@ -8,7 +8,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 XDG_CACHE_H
 export ARMT_EVAL_CACHE=/tmp/xdg/armt-eval
 mkdir -p $OUT /tmp/xdg/armt-hf && cp -r .lease/c2/armt-eval /tmp/xdg/
 cat /tmp/stash/gguf.part00 .lease/c2/gguf.part01 > /tmp/xdg/armt-hf/SmolLM2-135M-Instruct.Q4_1.gguf
-python3 train.py --init-from smollm2 --lora-r 16 --bf16 --normalize-features --segment-size 256 \
+python3 train.py --init-from smollm2 --lora-r 16 --bf16 --normalize-features --layers-with-memory 1-29 --segment-size 256 \
   --curriculum 1,2,4,8,16 --stage-steps $S --max-steps $((5 * S)) --batch-size $BATCH --learning-rate 5e-4 \
   --warmup-steps 20 --eval-steps 0 --save-steps 50 --save-total-limit 1 --logging-steps 10 --disable-tqdm true \
   --dataloader-workers 8 --report-to none --output-dir /tmp/run \

@@ -274,9 +274,10 @@ def prefill_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
 def greedy_generate(model, prompts: list[list[int] | np.ndarray], max_new_tokens: int, pad_token_id: int,
                     eos_token_id: int | None, progress: str | None = None) -> list[list[int]]:
-    """Greedy continuations of left-padded prompts (one batch), cut at EOS.
+    """Greedy continuations of a batch of prompts, cut at EOS: left-padded, or for ARMT laid out by
+    `segment_aligned_batch`.
 
-    ARMT batches are laid out by `segment_aligned_batch`. ARMT prompts longer than PREFILL_TOKENS are first streamed through the model's cache in whole-segment chunks,
+    ARMT prompts longer than PREFILL_TOKENS are first streamed through the model's cache in whole-segment chunks,
     with a tqdm bar in tokens labelled `progress` (None: no bar); generate() then reads the last column and decodes.
     Each row's segments start at its first real token, so the answers equal those of the one-call prefill, and
     memory stays flat in the prompt length."""

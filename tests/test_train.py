@@ -347,6 +347,37 @@ def test_context_questions_ask_the_storys_earlier_questions_with_their_answers()
     assert sum(label != -100 for label in plain.sample(random.Random(0), 400)["labels"]) <= 3
 
 
+def test_facts_before_last_leave_the_last_segment_to_background_and_question():
+    from eval.tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    haystack = synthetic_haystack(tokenizer, 300)
+    facts = re.compile(r"(?:moved|went|went back|journeyed|travelled) to the \w+\.")
+    forced = BabilongTask("qa1", tokenizer, haystack, segment_size=64, facts_before_last=1.0)
+    plain = BabilongTask("qa1", tokenizer, haystack, segment_size=64)
+    late = 0
+    for index in range(12):
+        for task, length in ((forced, 250), (plain, 250), (forced, 60)):
+            ids = task.sample(random.Random(index), length)["input_ids"]
+            assert len(ids) == length
+            text = tokenizer.decode(ids)
+            assert len(facts.findall(text)) >= 1
+            last = tokenizer.decode(ids[(length - 1) // 64 * 64:])
+            if task is forced and length > 64:
+                assert not facts.search(last) and "Where is" in last, last
+            elif task is plain:
+                late += bool(facts.search(last))
+    assert late >= 3  # without the option facts also land in the last segment
+    half = BabilongTask("qa1", tokenizer, haystack, segment_size=64, facts_before_last=0.5)
+    last_has_facts = [bool(facts.search(tokenizer.decode(half.sample(random.Random(i), 250)["input_ids"][192:])))
+                      for i in range(24)]
+    assert 0 < sum(last_has_facts) < 24
+    assert plain.sample(random.Random(3), 250) == BabilongTask(
+        "qa1", tokenizer, haystack, segment_size=64, facts_before_last=0.0).sample(random.Random(3), 250)
+    with pytest.raises(ValueError, match="--facts-before-last"):
+        BabilongTask("qa1", tokenizer, haystack, segment_size=64, facts_before_last=1.5)
+
+
 def test_answer_prefix_makes_the_answer_the_facts_own_token():
     from eval.metrics import score
     from eval.tokenizer import gpt2_tokenizer

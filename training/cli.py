@@ -81,6 +81,9 @@ class ARMTArguments:
     context_questions: bool = field(default=False, metadata={
         "help": "BABILong training samples also ask the story's earlier questions inside the input, each right after "
         "its last fact and followed by its answer (supervised, no EOS); evaluation samples stay plain"})
+    facts_before_last: float = field(default=0.0, metadata={
+        "help": "fraction of BABILong samples of 2+ segments whose facts all lie before the last segment (background "
+        "alone up to the question), so that only the memory can answer; in-run evaluation uses the same fraction"})
     answer_prefix: str = field(default="", metadata={
         "help": 'text the answer starts with (default none, the authors\' "GENbathroom"); " " makes the answer the '
         "very token the facts use for the place; BABILong's scoring strips it"})

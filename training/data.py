@@ -75,7 +75,7 @@ class BabilongTask:
 
     def __init__(self, task: str, tokenizer, haystack, segment_size: int, separator: str = "GEN",
                  babi_dir: str | None = None, seed: int = 0, context_questions: bool = False,
-                 answer_prefix: str = ""):
+                 answer_prefix: str = "", facts_before_last: float = 0.0):
         from eval.babi import check_task, find_babi_file, read_babi_file
 
         self.task = check_task(task)
@@ -87,6 +87,9 @@ class BabilongTask:
         self.seed = seed
         self.context_questions = context_questions
         self.answer_prefix = answer_prefix
+        if not 0.0 <= facts_before_last <= 1.0:
+            raise ValueError(f"--facts-before-last must be a fraction in [0, 1], got {facts_before_last}.")
+        self.facts_before_last = facts_before_last
         self._sentence_cache: dict[int, list[int]] = {}  # haystack sentence index -> its ids (with a leading space)
         self.babi_file = list(read_babi_file(find_babi_file(babi_dir, task))) if babi_dir else None
 
@@ -133,7 +136,11 @@ class BabilongTask:
                 context = first + [token for ids, _ in facts[1:] for token in ids]
                 labels = [IGNORE_INDEX] * len(first) + [label for _, part in facts[1:] for label in part]
             elif sum(len(ids) for ids, _ in facts) + 2 <= budget:  # 2: room for the first piece without a space
-                context, labels = self._context(texts, facts, budget, rng)
+                early = self._memory_only_budget(length, budget, sum(len(ids) for ids, _ in facts), rng)
+                context, labels = self._context(texts, facts, early, rng)
+                if early < budget:  # background alone up to the question: only the memory holds the facts
+                    tail = self._background(budget - early, rng)
+                    context, labels = context + tail, labels + [IGNORE_INDEX] * len(tail)
             else:
                 context = None
             if context is not None:
@@ -146,6 +153,23 @@ class BabilongTask:
             f"A {length}-token sample cannot hold the facts of a {self.task} story ({budget} tokens left for "
             "them): use a larger --segment-size."
         )
+
+    def _memory_only_budget(self, length: int, budget: int, fact_tokens: int, rng: random.Random) -> int:
+        """Context tokens the facts may occupy: all `budget`, or (a `facts_before_last` fraction of samples of 2+
+        segments) those before the last segment's start, when the facts fit there."""
+        if self.facts_before_last == 0.0 or length <= self.segment_size:
+            return budget
+        early = (length - 1) // self.segment_size * self.segment_size
+        if rng.random() >= self.facts_before_last or early >= budget or fact_tokens + 2 > early:
+            return budget
+        return early
+
+    def _background(self, count: int, rng: random.Random) -> list[int]:
+        """`count` tokens of background text from a random start (each sentence with its leading space)."""
+        layout = layout_facts(self.haystack, 0, count, rng,
+                              count_tokens=lambda indices: [len(ids) for ids in self._sentence_ids(indices)])
+        ids = [token for ids in self._sentence_ids(layout.background) for token in ids]
+        return ids[:count]
 
     def _context(self, fact_texts: list[str], facts: list[tuple[list[int], list[int]]], budget: int,
                  rng: random.Random) -> tuple[list[int], list[int]]:
@@ -319,7 +343,8 @@ def build_task(args: argparse.Namespace, seed: int, tokenizer=None):
             raise TrainError(f"--haystack {' '.join(sources)}: {err}") from err
     try:
         task = BabilongTask(args.babilong_task, tokenizer, haystack, args.segment_size, args.separator,
-                            args.babi_dir, seed, args.context_questions, args.answer_prefix)
+                            args.babi_dir, seed, args.context_questions, args.answer_prefix,
+                            args.facts_before_last)
     except (ValueError, FileNotFoundError) as err:
         raise TrainError(str(err)) from err
     return task, tokenizer, len(tokenizer), tokenizer.eos_token_id

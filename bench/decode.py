@@ -1,9 +1,11 @@
 """Decode cost inside a segment: ms per generated token near a segment's start and near its end, for ARMT and for its
-bare backbone on the same number of cached tokens (medians, steps of all four interleaved so that machine load hits
-them alike; random-initialised models, no downloads).
+bare backbone on the same number of cached tokens (medians, steps of all streams interleaved so that machine load
+hits them alike; random-initialised models, no downloads). `--compile` adds ARMT with `compile_decode()` and the
+backbone compiled over transformers' StaticCache of the same width (both fullgraph, inductor), and their ratios.
 
     python -m bench.decode                        # armt-gpt2 and armt-llama, 1 thread
     python -m bench.decode --models armt-gpt2 --steps 64 --threads 2
+    python -m bench.decode --compile              # eager vs compiled decode (compiling takes a minute or two)
 """
 
 from __future__ import annotations
@@ -18,16 +20,28 @@ WINDOW_START = 8  # tokens of the segment already read when the "start" window b
 WARMUP = 4  # untimed steps at the beginning of each window
 
 
-def decode_rows(name: str, steps: int, tiny: bool = False) -> list[tuple]:
-    """Rows (model, where, ms/token, ratio) for ARMT and its bare backbone at a segment's start and end."""
+def decode_rows(name: str, steps: int, tiny: bool = False, compile_mode: str | None = None) -> list[tuple]:
+    """Rows (model, what, where, ms/token, ratio) for ARMT and its bare backbone at a segment's start and end; with
+    `compile_mode` ("default", "reduce-overhead", ...) also for both compiled."""
+    import copy
+
     import torch
     from tqdm.auto import tqdm
-    from transformers import DynamicCache
+    from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
     from bench.models import build_model
 
     model = build_model(name, tiny=tiny).eval()
     backbone = model.backbone
+    kinds = ["ARMT", "backbone"]
+    if compile_mode is not None:
+        kinds += ["ARMT compiled", "backbone compiled"]
+        options = {} if compile_mode == "default" else {"mode": compile_mode}
+        compiled_model = copy.deepcopy(model).compile_decode(**options)
+        bare = AutoModelForCausalLM.from_config(backbone.config).eval()  # without ARMT's hooks
+        bare.load_state_dict(backbone.state_dict())
+        compiled_backbone = torch.compile(bare, fullgraph=True, **options)
+        width = model.config.segment_size + model.config.num_mem_tokens  # ARMT's segment buffers
     segment = model.config.segment_size
     if steps + WARMUP > segment - 2 * WINDOW_START:
         raise ValueError(f"--steps {steps} must leave room in a segment of {segment}: at most "
@@ -46,6 +60,13 @@ def decode_rows(name: str, steps: int, tiny: bool = False) -> list[tuple]:
             plain = DynamicCache()
             backbone(ids[:, :offset], cache=plain, use_cache=True, logits_to_keep=1)
             streams[("backbone", where)] = (backbone, plain, offset)
+            if compile_mode is not None:
+                cache = compiled_model.new_cache(1)
+                compiled_model(ids[:, : segment + offset], cache=cache, logits_to_keep=1)
+                streams[("ARMT compiled", where)] = (compiled_model, cache, segment + offset)
+                static = StaticCache(config=backbone.config, max_cache_len=width)
+                backbone(ids[:, :offset], cache=static, use_cache=True, logits_to_keep=1)  # prefill eager
+                streams[("backbone compiled", where)] = (compiled_backbone, static, offset)
         times = {key: [] for key in streams}
         for step in tqdm(range(steps + WARMUP), desc=f"{name} decode", leave=False):
             for key, (module, cache, first) in streams.items():
@@ -56,11 +77,15 @@ def decode_rows(name: str, steps: int, tiny: bool = False) -> list[tuple]:
                     times[key].append(time.perf_counter() - begin)
     ms = {key: 1e3 * statistics.median(values) for key, values in times.items()}
     rows = []
-    for kind in ("ARMT", "backbone"):
+    for kind in kinds:
         rows.append((name, kind, "start", ms[(kind, "start")], 1.0))
         rows.append((name, kind, "end", ms[(kind, "end")], ms[(kind, "end")] / ms[(kind, "start")]))
-    for where in offsets:
-        rows.append((name, "ARMT / backbone", where, None, ms[("ARMT", where)] / ms[("backbone", where)]))
+    ratios = [("ARMT", "backbone")]
+    if compile_mode is not None:
+        ratios += [("ARMT compiled", "backbone compiled"), ("ARMT compiled", "ARMT")]
+    for top, bottom in ratios:
+        for where in offsets:
+            rows.append((name, f"{top} / {bottom}", where, None, ms[(top, where)] / ms[(bottom, where)]))
     return rows
 
 
@@ -71,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed in each window (default 64)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (a smoke test)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="also time both compiled (torch.compile fullgraph; MODE: default, reduce-overhead, "
+                        "max-autotune)")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.steps < 1:
         parser.error("--threads and --steps must be >= 1")
@@ -83,14 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = []
         for name in args.models.split(","):
-            rows += decode_rows(name.strip(), args.steps, tiny=args.tiny)
+            rows += decode_rows(name.strip(), args.steps, tiny=args.tiny, compile_mode=args.compile)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     finally:
         torch.set_num_threads(previous)
     settings = TINY_ARMT_KWARGS if args.tiny else ARMT_KWARGS
     print(f"decode inside a segment ({settings}; {args.steps} steps per window, {args.threads} thread(s); "
-          f"start = from token {WINDOW_START + WARMUP} of a segment, end = up to {WINDOW_START} tokens before its end)")
+          f"start = from token {WINDOW_START + WARMUP} of a segment, end = up to {WINDOW_START} tokens before its end"
+          f"{'; compiled: mode ' + args.compile if args.compile else ''})")
     print(tabulate([(m, k, w, "" if t is None else f"{t:.2f}", f"{r:.3f}") for m, k, w, t, r in rows],
                    headers=["model", "what", "window", "ms/token", "ratio (end/start, or ARMT/backbone)"]))
     return 0

@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from transformers import (
     AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel,
 )
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 from transformers.generation.utils import GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
@@ -162,8 +163,10 @@ class ARMTSegmentLayer(DynamicLayer):
 
     def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
         batch, heads, _, _ = key_states.shape
-        keys = key_states.new_empty(batch, heads, capacity, key_states.shape[-1])
-        values = value_states.new_empty(batch, heads, capacity, value_states.shape[-1])
+        # zeros, not empty: a static view attends over the whole buffer, and masked garbage (NaN) would still reach
+        # the output through 0 * NaN
+        keys = key_states.new_zeros(batch, heads, capacity, key_states.shape[-1])
+        values = value_states.new_zeros(batch, heads, capacity, value_states.shape[-1])
         if self.length:
             keys[:, :, : self.length], values[:, :, : self.length] = self.keys, self.values
         self._keys, self._values = keys, values
@@ -189,6 +192,18 @@ class ARMTSegmentLayer(DynamicLayer):
         super().crop(tokens_to_remove)
         self.length = self.get_seq_length()
 
+    def static_view(self, fill: torch.Tensor) -> "ARMTStaticSegmentLayer | None":
+        """This layer's buffers as a fixed-shape layer writing at `fill`, or None when they hold no buffer (the
+        segment's first token, or rows reordered since)."""
+        if self._keys is None or self.keys.shape[-2] != self.length:
+            return None
+        return ARMTStaticSegmentLayer(self._keys, self._values, fill)
+
+    def advance(self, count: int) -> None:
+        """Take `count` entries that a static view wrote after the current ones."""
+        self.length += count
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+
     def drop_front(self, count: int) -> None:
         """Forget the first `count` entries (no row needs them any more)."""
         if not self.is_initialized:
@@ -204,6 +219,38 @@ class ARMTSegmentLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         self._keys = self._values = None
+
+
+class ARMTStaticSegmentLayer(CacheLayerMixin):
+    """A compiled decode step's view of one layer's segment buffers: fixed shapes, the write position `fill` a
+    tensor, so every step of a segment runs the same graph; attention covers the whole buffer, and the causal mask
+    (query at `fill`) hides the entries not written yet."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, fill: torch.Tensor):
+        super().__init__()
+        self.keys, self.values, self.fill = keys, values, fill
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("An ARMTStaticSegmentLayer views buffers that already exist.")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        index = self.fill + torch.arange(key_states.shape[-2], device=self.keys.device)
+        self.keys.index_copy_(2, index, key_states)
+        self.values.index_copy_(2, index, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[-2], 0
+
+    def get_seq_length(self) -> torch.Tensor:
+        return self.fill
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[-2]
 
 
 class ARMTSegmentCache(DynamicCache):
@@ -269,6 +316,7 @@ class ARMTCache(Cache):
         self.segment_mask: torch.Tensor | None = None  # (B, kv length), None when every entry is valid for every row
         self.record_past = False  # assisted decoding: keep what undoes each memory write until the next crop()
         self._undo: list[_Undo] = []
+        self._static_fill = torch.zeros((), dtype=torch.long, device=device)  # a compiled step's write position
 
     @property
     def batch_size(self) -> int:
@@ -348,6 +396,26 @@ class ARMTCache(Cache):
         fill = self.segment_fill
         if bool(self.segment_mask.all()) and bool((fill == self._segment_length()).all()):
             self.segment_mask = None  # the rows are back in step: the fast path applies again
+
+    def static_segment(self, num_tokens: int) -> Cache | None:
+        """The current segment's keys/values as fixed-shape layers (`ARMTStaticSegmentLayer`) for a compiled step over
+        `num_tokens` new tokens of every row, or None when that step does not fit one: rows out of step, padding,
+        the segment's first token (no buffers yet), or a token that ends the segment (its memory write runs eagerly)."""
+        fill = int(self.row_tokens[0]) % self.segment_size if self.batch_size else 0
+        if not self.is_aligned or fill == 0 or fill + num_tokens >= self.segment_size:
+            return None
+        views = [layer.static_view(self._static_fill) for layer in self.segment_cache.layers]
+        if any(view is None for view in views) or self._segment_length() != fill:
+            return None
+        self._static_fill.fill_(fill)
+        return Cache(layers=views)
+
+    def end_static_step(self, num_tokens: int) -> None:
+        """Count `num_tokens` tokens that a compiled step wrote through `static_segment()`'s layers."""
+        for layer in self.segment_cache.layers:
+            layer.advance(num_tokens)
+        self.seen_tokens += num_tokens
+        self.row_tokens += num_tokens
 
     def reset(self) -> None:
         for layer in self.layers:
@@ -734,9 +802,14 @@ class _MemoryStep:
 _ACTIVE_STEP: contextvars.ContextVar[_MemoryStep | None] = contextvars.ContextVar("armt_active_step", default=None)
 
 
-def _memory_read_hook(module, args, kwargs):
+def _current_step(injector: "ARMTMemoryInjector") -> _MemoryStep | None:
+    """The step of a compiled call (`ARMTMemoryInjector.traced_step`, which dynamo can trace), else the context's."""
+    return injector.traced_step if injector.traced_step is not None else _ACTIVE_STEP.get()
+
+
+def _memory_read_hook(injector, module, args, kwargs):
     """Before a decoder layer: h + read(h). A no-op outside an ARMT step and for layers of another model."""
-    step = _ACTIVE_STEP.get()
+    step = _current_step(injector)
     idx = None if step is None or not step.read else step.layer_index.get(id(module))
     if idx is None:
         return None
@@ -747,9 +820,9 @@ def _memory_read_hook(module, args, kwargs):
     return args, kwargs
 
 
-def _memory_write_hook(module, args, kwargs, output):
+def _memory_write_hook(injector, module, args, kwargs, output):
     """After a decoder layer: the memory tokens' outputs write A and z (rows `write_rows` only)."""
-    step = _ACTIVE_STEP.get()
+    step = _current_step(injector)
     idx = None if step is None or not step.num_memory else step.layer_index.get(id(module))
     if idx is None:
         return None
@@ -764,9 +837,9 @@ def _memory_write_hook(module, args, kwargs, output):
     return None
 
 
-def _position_rows_hook(module, args, output):
+def _position_rows_hook(injector, module, args, output):
     """wrap_pos: memory tokens take the extra learned position rows instead of the rows after the segment."""
-    step = _ACTIVE_STEP.get()
+    step = _current_step(injector)
     if step is None or step.position_module is not module or not step.num_memory:
         return None
     rows = step.memory_positions.to(output.dtype).expand(output.shape[0], -1, -1)
@@ -798,15 +871,16 @@ class ARMTMemoryInjector:
         self.memory_layers = memory_layers
         self.decoder_layers = find_decoder_layers(backbone)
         self.layers = [self.decoder_layers[i] for i in config.memory_layer_indices]
+        self.traced_step: _MemoryStep | None = None  # set by `traced()` around a compiled call only
         self.handles = []
         for layer in self.layers:
-            self.handles.append(layer.register_forward_pre_hook(_memory_read_hook, with_kwargs=True))
-            self.handles.append(layer.register_forward_hook(_memory_write_hook, with_kwargs=True))
+            self.handles.append(layer.register_forward_pre_hook(partial(_memory_read_hook, self), with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(partial(_memory_write_hook, self), with_kwargs=True))
         self.position_module = None
         if config.wrap_pos:
             table = LEARNED_POSITION_TABLES[config.base_config.model_type][1]
             self.position_module = getattr(backbone.base_model, table)
-            self.handles.append(self.position_module.register_forward_hook(_position_rows_hook))
+            self.handles.append(self.position_module.register_forward_hook(partial(_position_rows_hook, self)))
 
     @contextlib.contextmanager
     def step(
@@ -826,6 +900,19 @@ class ARMTMemoryInjector:
             yield step
         finally:
             _ACTIVE_STEP.reset(token)
+
+    @contextlib.contextmanager
+    def traced(self, A: list[torch.Tensor], z: list[torch.Tensor | None], written: torch.Tensor, read: bool):
+        """As `step()` without a write, for a compiled call: the hooks find the step in `traced_step`, an attribute
+        (torch.compile cannot trace a ContextVar). One compiled call at a time per model."""
+        if self.traced_step is not None:
+            raise RuntimeError("A compiled ARMT decode step of this model is already running.")
+        with self.step(A, z, written, read, 0) as step:
+            self.traced_step = step
+            try:
+                yield step
+            finally:
+                self.traced_step = None
 
 
 # State-dict keys before 0.2 -> now (regular expressions, as `from_pretrained(key_mapping=...)` takes them)
@@ -1150,6 +1237,12 @@ class ARMTModel(ARMTPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
 
 
+def _decode_logits(backbone: PreTrainedModel, embeds: torch.Tensor, segment: Cache, position_ids: torch.Tensor):
+    """The compiled part of a decode step: the backbone (memory read by the hooks) over fixed-shape buffers."""
+    return backbone(inputs_embeds=embeds, position_ids=position_ids, cache=segment, use_cache=True,
+                    logits_to_keep=1).logits
+
+
 # Backbones whose causal-LM logits are lm_head(final hidden states) and nothing more (no soft-capping or scaling): for
 # them logits of (row, position) pairs come from the final hidden states of those pairs alone.
 PLAIN_HEAD_MODELS = frozenset({"gpt2", "llama", "mistral", "qwen2", "gpt_neox"})
@@ -1157,6 +1250,8 @@ PLAIN_HEAD_MODELS = frozenset({"gpt2", "llama", "mistral", "qwen2", "gpt_neox"})
 
 class ARMTForCausalLM(ARMTModel, GenerationMixin):
     """ARMT causal LM: `backbone` (a stock transformers causal LM) plus memory embeddings and per-layer memory."""
+
+    _compiled_decode = None  # set by compile_decode()
 
     def forward(
         self,
@@ -1193,7 +1288,10 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
                 "logits_to_keep=1 (or the positions you need) to keep memory flat on long inputs."
             )
         device = self.memory_embeddings.weight.device
-        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 2:
+        static = self._static_decode_cache(cache, real, length, labels, logits_to_keep)
+        if static is not None:
+            logits = self._static_decode(input_ids, inputs_embeds, cache, static)
+        elif isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 2:
             logits = self._pair_logits(input_ids, inputs_embeds, real, cache, use_cache, logits_to_keep, length)
         else:
             keep_mask = torch.zeros(length, dtype=torch.bool)
@@ -1213,6 +1311,42 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def compile_decode(self, enable: bool = True, **compile_kwargs) -> "ARMTForCausalLM":
+        """Compile the decode step (`torch.compile(..., fullgraph=True, **compile_kwargs)`): from now on every forward
+        of one new token per row, rows in step and no padding, inside a segment (not its first token, nor the one that
+        ends it) runs one fixed-shape graph over the segment's key/value buffers; everything else (prefill, memory
+        writes, padded or ragged rows, training) stays eager. Logits equal the eager path's. `enable=False` goes back
+        to eager decoding. Returns the model."""
+        if not enable:
+            self._compiled_decode = None
+            return self
+        if self.config.base_config._attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(
+                "compile_decode needs the backbone's 'sdpa' or 'eager' attention (masked attention over the segment's "
+                f"fixed-size buffers), not {self.config.base_config._attn_implementation!r}."
+            )
+        # a function of the model, not a bound method: a deep copy of the model calls it with itself
+        self._compiled_decode = torch.compile(_decode_logits, fullgraph=True, **compile_kwargs)
+        return self
+
+    def _static_decode_cache(self, cache: ARMTCache, real, length: int, labels, logits_to_keep) -> Cache | None:
+        """The segment's static view when this forward is a compiled decode step (see `compile_decode`), else None."""
+        if self._compiled_decode is None or length != 1 or real is not None or labels is not None:
+            return None
+        if not (isinstance(logits_to_keep, int) and logits_to_keep in (0, 1)) or torch.is_grad_enabled():
+            return None
+        return cache.static_segment(1)
+
+    def _static_decode(self, input_ids, inputs_embeds, cache: ARMTCache, segment: Cache) -> torch.Tensor:
+        """One compiled decode step inside a segment: the memory is read, never written."""
+        embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
+        position_ids = cache._static_fill.view(1, 1).expand(embeds.shape[0], 1)
+        A, z = cache.memory_state()
+        with self.memory_injector.traced(A, z, cache.memory_written, cache.has_memory):
+            logits = self._compiled_decode(self.backbone, embeds, segment, position_ids)
+        cache.end_static_step(1)
+        return logits
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):

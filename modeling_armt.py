@@ -785,7 +785,6 @@ def _cache_signature(config: ARMTConfig) -> tuple:
 class _MemoryStep:
     """What the hooks need during one backbone call of one model."""
 
-    layer_index: dict[int, int]  # id(decoder layer) -> index of its memory layer, for this model's layers only
     memory_layers: nn.ModuleList
     A: list[torch.Tensor]
     z: list[torch.Tensor | None]
@@ -803,15 +802,19 @@ _ACTIVE_STEP: contextvars.ContextVar[_MemoryStep | None] = contextvars.ContextVa
 
 
 def _current_step(injector: "ARMTMemoryInjector") -> _MemoryStep | None:
-    """The step of a compiled call (`ARMTMemoryInjector.traced_step`, which dynamo can trace), else the context's."""
-    return injector.traced_step if injector.traced_step is not None else _ACTIVE_STEP.get()
+    """The step of this model in progress, or None (none, or another model's). While dynamo traces a compiled decode
+    step: `injector.traced_step`, an attribute (dynamo cannot trace a ContextVar); read only while tracing, so other
+    threads' eager calls keep their own context's step."""
+    if injector.traced_step is not None and torch.compiler.is_compiling():
+        return injector.traced_step
+    step = _ACTIVE_STEP.get()
+    return step if step is not None and step.memory_layers is injector.memory_layers else None
 
 
-def _memory_read_hook(injector, module, args, kwargs):
-    """Before a decoder layer: h + read(h). A no-op outside an ARMT step and for layers of another model."""
+def _memory_read_hook(injector, idx, module, args, kwargs):
+    """Before a decoder layer: h + read(h) with memory layer `idx`. A no-op outside a step of this model."""
     step = _current_step(injector)
-    idx = None if step is None or not step.read else step.layer_index.get(id(module))
-    if idx is None:
+    if step is None or not step.read:
         return None
     read = step.memory_layers[idx].read
     if args:
@@ -820,11 +823,11 @@ def _memory_read_hook(injector, module, args, kwargs):
     return args, kwargs
 
 
-def _memory_write_hook(injector, module, args, kwargs, output):
-    """After a decoder layer: the memory tokens' outputs write A and z (rows `write_rows` only)."""
+def _memory_write_hook(injector, idx, module, args, kwargs, output):
+    """After a decoder layer: the memory tokens' outputs write A and z of memory layer `idx` (rows `write_rows`
+    only)."""
     step = _current_step(injector)
-    idx = None if step is None or not step.num_memory else step.layer_index.get(id(module))
-    if idx is None:
+    if step is None or not step.num_memory:
         return None
     hidden_states = output[0] if isinstance(output, tuple) else output
     A, z = step.A[idx], step.z[idx]
@@ -840,7 +843,7 @@ def _memory_write_hook(injector, module, args, kwargs, output):
 def _position_rows_hook(injector, module, args, output):
     """wrap_pos: memory tokens take the extra learned position rows instead of the rows after the segment."""
     step = _current_step(injector)
-    if step is None or step.position_module is not module or not step.num_memory:
+    if step is None or not step.num_memory or step.position_module is not module:
         return None
     rows = step.memory_positions.to(output.dtype).expand(output.shape[0], -1, -1)
     return torch.cat([output[:, : -step.num_memory], rows], dim=1)
@@ -873,9 +876,10 @@ class ARMTMemoryInjector:
         self.layers = [self.decoder_layers[i] for i in config.memory_layer_indices]
         self.traced_step: _MemoryStep | None = None  # set by `traced()` around a compiled call only
         self.handles = []
-        for layer in self.layers:
-            self.handles.append(layer.register_forward_pre_hook(partial(_memory_read_hook, self), with_kwargs=True))
-            self.handles.append(layer.register_forward_hook(partial(_memory_write_hook, self), with_kwargs=True))
+        for idx, layer in enumerate(self.layers):
+            read, write = partial(_memory_read_hook, self, idx), partial(_memory_write_hook, self, idx)
+            self.handles.append(layer.register_forward_pre_hook(read, with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(write, with_kwargs=True))
         self.position_module = None
         if config.wrap_pos:
             table = LEARNED_POSITION_TABLES[config.base_config.model_type][1]
@@ -889,9 +893,9 @@ class ARMTMemoryInjector:
     ):
         """Within this context the backbone reads (and, with `num_memory` memory tokens at the end of its input,
         writes) the memory; yields the step, whose `new_A` / `new_z` hold the state after the call."""
-        # The layers are looked up by identity at call time, so a deep copy of the model hooks its own layers.
+        # The hooks hold their injector and take only steps of its memory layers: a deep copy hooks its own layers.
         step = _MemoryStep(
-            layer_index={id(layer): i for i, layer in enumerate(self.layers)}, memory_layers=self.memory_layers,
+            memory_layers=self.memory_layers,
             A=A, z=z, written=written, read=read, num_memory=num_memory, write_rows=write_rows,
             position_module=self.position_module, memory_positions=memory_positions, new_A=list(A), new_z=list(z),
         )
@@ -903,8 +907,8 @@ class ARMTMemoryInjector:
 
     @contextlib.contextmanager
     def traced(self, A: list[torch.Tensor], z: list[torch.Tensor | None], written: torch.Tensor, read: bool):
-        """As `step()` without a write, for a compiled call: the hooks find the step in `traced_step`, an attribute
-        (torch.compile cannot trace a ContextVar). One compiled call at a time per model."""
+        """As `step()` without a write, for a compiled call: while dynamo traces, the hooks find the step in
+        `traced_step`, an attribute (it cannot trace a ContextVar). One compiled call at a time per model."""
         if self.traced_step is not None:
             raise RuntimeError("A compiled ARMT decode step of this model is already running.")
         with self.step(A, z, written, read, 0) as step:
@@ -1289,8 +1293,9 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
             )
         device = self.memory_embeddings.weight.device
         static = self._static_decode_cache(cache, real, length, labels, logits_to_keep)
-        if static is not None:
-            logits = self._static_decode(input_ids, inputs_embeds, cache, static)
+        logits = None if static is None else self._static_decode(input_ids, inputs_embeds, cache, static)
+        if logits is not None:
+            pass
         elif isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 2:
             logits = self._pair_logits(input_ids, inputs_embeds, real, cache, use_cache, logits_to_keep, length)
         else:
@@ -1316,8 +1321,10 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
         """Compile the decode step (`torch.compile(..., fullgraph=True, **compile_kwargs)`): from now on every forward
         of one new token per row, rows in step and no padding, inside a segment (not its first token, nor the one that
         ends it) runs one fixed-shape graph over the segment's key/value buffers; everything else (prefill, memory
-        writes, padded or ragged rows, training) stays eager. Logits equal the eager path's. `enable=False` goes back
-        to eager decoding. Returns the model."""
+        writes, padded or ragged rows, beam reordering, training mode) stays eager. Logits equal the eager path's up to
+        the compiler's rounding. A step that cannot compile (a backbone that breaks the graph, e.g. dynamic RoPE)
+        turns compiled decoding off with a warning and runs eagerly. `enable=False` goes back to eager decoding.
+        Returns the model."""
         if not enable:
             self._compiled_decode = None
             return self
@@ -1336,15 +1343,27 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
             return None
         if not (isinstance(logits_to_keep, int) and logits_to_keep in (0, 1)) or torch.is_grad_enabled():
             return None
+        if self.training:  # dropout, as the eager path runs it
+            return None
         return cache.static_segment(1)
 
-    def _static_decode(self, input_ids, inputs_embeds, cache: ARMTCache, segment: Cache) -> torch.Tensor:
-        """One compiled decode step inside a segment: the memory is read, never written."""
+    def _static_decode(self, input_ids, inputs_embeds, cache: ARMTCache, segment: Cache) -> torch.Tensor | None:
+        """One compiled decode step inside a segment (the memory is read, never written); None, with compiled decoding
+        turned off for this model, when the step cannot compile (the backbone breaks the graph, or dynamo's
+        recompile limit is reached): the caller then runs it eagerly (tracing fails before any buffer is written)."""
+        if self.memory_injector.traced_step is not None:  # another thread's compiled step of this model: run eagerly
+            return None
         embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
         position_ids = cache._static_fill.view(1, 1).expand(embeds.shape[0], 1)
         A, z = cache.memory_state()
-        with self.memory_injector.traced(A, z, cache.memory_written, cache.has_memory):
-            logits = self._compiled_decode(self.backbone, embeds, segment, position_ids)
+        try:
+            with self.memory_injector.traced(A, z, cache.memory_written, cache.has_memory):
+                logits = self._compiled_decode(self.backbone, embeds, segment, position_ids)
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit) as error:
+            logger.warning(f"ARMT decoding stays eager: the decode step does not compile ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0]}).")
+            self._compiled_decode = None
+            return None
         cache.end_static_step(1)
         return logits
 

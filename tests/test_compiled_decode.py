@@ -115,3 +115,60 @@ def test_inductor_compiled_decode_equals_eager():
     calls = counted(model.compile_decode())
     torch.testing.assert_close(stream(model, ids), expected, atol=1e-5, rtol=0)
     assert len(calls) > 10
+
+
+def test_many_models_share_one_graph():
+    """The hooks hold their memory layer's index (no identity lookups), so models and copies reuse one graph instead
+    of filling dynamo's per-function cache (8 entries, a hard error under fullgraph)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ids = torch.randint(1, 60, (1, 12), generator=torch.Generator().manual_seed(6))
+    for seed in range(10):
+        model = tiny_armt("llama", seed=seed)
+        expected = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
+        calls = counted(model.compile_decode(backend="aot_eager"))
+        assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0), expected)
+        assert calls
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
+def test_a_backbone_that_breaks_the_graph_decodes_eagerly(caplog):
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    model = tiny_armt("llama", backbone=dict(rope_parameters=rope))
+    ids = torch.randint(1, 60, (1, 5), generator=torch.Generator().manual_seed(7))
+    expected = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    model.compile_decode(backend="aot_eager")
+    assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0), expected)
+    assert model._compiled_decode is None  # turned off, with a warning naming why
+    assert "does not compile" in caplog.text
+
+
+def test_eager_calls_in_another_thread_keep_their_own_memory():
+    """While one thread runs compiled steps, another thread's eager forwards of the same model see their own cache's
+    memory, not the compiled step's."""
+    import threading
+
+    model = tiny_armt("llama")
+    ids = torch.randint(1, 60, (1, 40), generator=torch.Generator().manual_seed(8))
+    other = torch.randint(1, 60, (1, 24), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = model(other, cache=model.new_cache(1)).logits
+    model.compile_decode(backend="aot_eager")
+    stream(model, ids[:, :12])  # compile first, so that the threads overlap in compiled calls, not in tracing
+    results, stop = [], threading.Event()
+
+    def decode():
+        while not stop.is_set():
+            stream(model, ids)
+
+    thread = threading.Thread(target=decode)
+    thread.start()
+    try:
+        with torch.no_grad():
+            for _ in range(10):
+                results.append(model(other, cache=model.new_cache(1)).logits)
+    finally:
+        stop.set()
+        thread.join()
+    for logits in results:
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)

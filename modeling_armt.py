@@ -1367,6 +1367,19 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
         cache.end_static_step(1)
         return logits
 
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, next_sequence_length: int | None = None,
+                                      cache: Cache | None = None, attention_mask: torch.Tensor | None = None,
+                                      is_first_iteration: bool | None = False, **kwargs) -> dict:
+        """As transformers'; an assistant's later rounds (`is_first_iteration` False, the whole sequence passed again
+        and no attention mask to tell the new tokens by) read only the tokens its cache has not seen."""
+        if (next_sequence_length is None and not is_first_iteration and attention_mask is None
+                and isinstance(cache, ARMTCache) and 0 < cache.seen_tokens < input_ids.shape[1]):
+            next_sequence_length = input_ids.shape[1] - cache.seen_tokens
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            is_first_iteration=is_first_iteration, **kwargs,
+        )
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
         """ARMT keeps all its state in an ARMTCache: made here when assisted decoding (or an assistant's generate)

@@ -69,3 +69,20 @@ def test_static_cache_implementation_is_the_armt_cache_and_others_are_a_clear_er
     for implementation in ("dynamic", "offloaded", "sliding_window"):
         with pytest.raises(ValueError, match=f"cache_implementation='{implementation}' is not supported"):
             greedy(model, ids, cache_implementation=implementation)
+
+
+def test_an_armt_assistant_reads_each_token_once():
+    """Without an attention mask, an assistant's later rounds get the whole sequence again: it must read only what
+    its cache has not seen (it read everything again, so its cache held the sequence twice)."""
+    model, assistant = tiny_armt("llama", seed=0), tiny_armt("llama", seed=1)
+    ids = prompt(model.config.vocab_size)
+    reads, forward = [], assistant.forward
+
+    def recorded(input_ids=None, cache=None, **kwargs):
+        reads.append((cache.get_seq_length() if cache is not None else 0, input_ids.shape[1]))
+        return forward(input_ids=input_ids, cache=cache, **kwargs)
+
+    assistant.forward = recorded
+    out = greedy(model, ids, assistant_model=assistant)
+    assert torch.equal(out, greedy(model, ids))
+    assert len(reads) > 5 and all(seen + length <= out.shape[1] for seen, length in reads), reads

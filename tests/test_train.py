@@ -626,3 +626,77 @@ def test_measure_replaces_only_its_own_section_of_the_progress_file(tmp_path):
     assert chosen[0] == Setting() and all(sum(a != b for a, b in zip(vars(s).values(), vars(Setting()).values())) in
                                           (1, 2) for s in chosen[1:])
     assert len(settings(lora_r=16, threads=2, grid=True)) == 16
+
+
+def test_backbone_layers_keeps_the_first_layers_of_a_pretrained_backbone(tmp_path):
+    backbone, _ = tiny_backbone_folder(tmp_path / "backbone")
+    trainer = run([*BACKBONE_RUN, "--init-from", str(tmp_path / "backbone"), "--backbone-layers", "1",
+                   "--layers-with-memory", "0", "--max-steps", "1", "--learning-rate", "0",
+                   "--output-dir", str(tmp_path / "cut")])
+    model = trainer.model
+    assert model.config.num_hidden_layers == 1 and len(model.backbone.model.layers) == 1
+    kept = model.backbone.state_dict()
+    for name, value in backbone.state_dict().items():  # everything but layer 1, unchanged (learning rate 0)
+        if not name.startswith("model.layers.1."):
+            torch.testing.assert_close(kept[name], value, rtol=0, atol=0)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "cut", trust_remote_code=True)
+    assert reloaded.config.base_config.num_hidden_layers == 1
+    for bad in ("0", "3"):
+        with pytest.raises(TrainError, match="--backbone-layers must lie in 1..2"):
+            run([*BACKBONE_RUN, "--init-from", str(tmp_path / "backbone"), "--backbone-layers", bad,
+                 "--max-steps", "1", "--output-dir", str(tmp_path / f"bad{bad}")])
+    with pytest.raises(TrainError, match="--backbone-layers cuts a pretrained backbone"):
+        run([*TINY_BABILONG, "--backbone-layers", "1", "--max-steps", "1", "--output-dir", str(tmp_path / "scratch")])
+
+
+def test_memory_lr_scale_gives_the_memory_parameters_a_scaled_learning_rate(tmp_path):
+    trainer = run([*TINY_AR, "--curriculum", "2", "--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-3",
+                   "--lr-scheduler", "constant", "--memory-lr-scale", "10", "--output-dir", str(tmp_path)])
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    rates = {names[id(p)]: group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert set(rates) == {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    for name, rate in rates.items():
+        expected = 1e-2 if name.startswith(("memory_layers.", "memory_embeddings.")) else 1e-3
+        assert rate == pytest.approx(expected), name
+    with pytest.raises(TrainError, match="--memory-lr-scale"):
+        cli.parse_args([*TINY_AR, "--memory-lr-scale", "0", "--output-dir", str(tmp_path / "bad")])
+
+
+def test_extra_questions_add_supervised_answers_that_the_facts_decide():
+    from eval.babi import solve
+    from eval.tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    haystack = synthetic_haystack(tokenizer, 300)
+    plain = BabilongTask("qa1", tokenizer, haystack, 64, answer_prefix=" ")
+    extra = BabilongTask("qa1", tokenizer, haystack, 64, answer_prefix=" ", extra_questions=3)
+    asked = 0
+    for seed in range(8):
+        base, sample = plain.sample(random.Random(seed), 120), extra.sample(random.Random(seed), 120)
+        assert len(sample["input_ids"]) == len(base["input_ids"]) == 120
+        text = tokenizer.decode(sample["input_ids"])
+        story = text.split("GEN")[0]
+        facts = re.findall(r"(?:Mary|John|Daniel|Sandra) \w+(?: back)? to the \w+\.", story)
+        pairs = re.findall(r" (Where is \w+\? )GEN (\w+)<\|endoftext\|>", text)
+        asked += len(pairs)
+        for question, answer in pairs:
+            assert solve("qa1", facts, question) == answer
+        answers = [tokenizer.decode([t]) for t, l in zip(sample["input_ids"], sample["labels"]) if l != -100]
+        assert len(answers) == 2 * (1 + len(pairs))  # each answer (one token here) and its EOS
+    assert asked > 0
+    with pytest.raises(ValueError, match="--extra-questions"):
+        BabilongTask("qa3", tokenizer, haystack, 64, extra_questions=1)
+
+
+def test_eval_memory_only_reports_a_second_set_whose_facts_only_the_memory_holds(tmp_path):
+    trainer = run([*TINY_BABILONG, "--curriculum", "1,2", "--max-steps", "1", "--batch-size", "2",
+                   "--eval-steps", "1", "--eval-samples", "2", "--eval-segments", "1", "--eval-memory-only",
+                   "--save-strategy", "no", "--output-dir", str(tmp_path)])
+    memory = trainer.eval_dataset["memory"]
+    assert memory.task.facts_before_last == 1.0 and memory.length > 48
+    metrics = {k for h in trainer.state.log_history for k in h}
+    assert {"eval_main_accuracy", "eval_memory_accuracy", "eval_memory_loss"} <= metrics
+    with pytest.raises(TrainError, match="--eval-memory-only"):
+        run([*TINY_AR, "--eval-memory-only", "--eval-steps", "1", "--output-dir", str(tmp_path / "ar")])

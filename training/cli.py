@@ -84,6 +84,10 @@ class ARMTArguments:
     facts_before_last: float = field(default=0.0, metadata={
         "help": "fraction of BABILong samples of 2+ segments whose facts all lie before the last segment (background "
         "alone up to the question), so that only the memory can answer; in-run evaluation uses the same fraction"})
+    extra_questions: int = field(default=0, metadata={
+        "help": "BABILong training samples (qa1, qa2) end with up to N more questions about the same facts (other "
+        "actors or objects), each followed by its supervised answer and EOS: N more answers per sample, all from "
+        "the memory when the facts lie before the last segment; evaluation samples stay plain"})
     answer_prefix: str = field(default="", metadata={
         "help": 'text the answer starts with (default none, the authors\' "GENbathroom"); " " makes the answer the '
         "very token the facts use for the place; BABILong's scoring strips it"})
@@ -106,6 +110,16 @@ class ARMTArguments:
         "help": "start from an ARMT folder, or wrap a pretrained backbone in a fresh ARMT (W_v = 0: it starts as the "
         "backbone): a folder or Hub id, a .gguf file, or smollm2 (SmolLM2-135M-Instruct, fetched once by "
         "eval.pretrained); its tokenizer and chat template go with the model. Default: a new model from scratch"})
+    backbone_layers: int | None = field(default=None, metadata={
+        "metavar": "K", "help": "with --init-from a pretrained backbone: keep its embeddings, first K decoder layers, "
+        "final norm and output layer (default: all layers); K/L of the per-token cost of L layers"})
+    memory_lr_scale: float = field(default=1.0, metadata={
+        "help": "learning rate of the memory parameters (memory embeddings, W_q, W_k, W_v, W_b) as a multiple of "
+        "--learning-rate"})
+    eval_memory_only: bool = field(default=False, metadata={
+        "help": "evaluate a second set beside the first: samples of 2 segments whose facts all lie in the first "
+        "(--facts-before-last 1), so only the memory can answer; logged as eval_memory_accuracy / eval_memory_loss "
+        "(the first set as eval_main_*)"})
     lora_r: int = field(default=0, metadata={
         "help": "LoRA rank on the backbone's attention (peft), the memory parameters trained in full; the final "
         "model is saved merged. 0: full fine-tuning"})
@@ -202,6 +216,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainingArgu
     for name in ("eval_samples", "segment_size", "num_mem_tokens", "d_mem", "layers", "heads", "hidden_size"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.memory_lr_scale <= 0:
+        raise TrainError(f"--memory-lr-scale must be > 0, got {args.memory_lr_scale}.")
     if args.lora_r < 0:
         raise TrainError(f"--lora-r must be >= 0 (0: full fine-tuning), got {args.lora_r}.")
     if args.layers_with_memory is not None:
@@ -364,7 +380,14 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
     if training_args.eval_strategy != "no":
         plain = copy.copy(task)
         plain.context_questions = False
+        plain.extra_questions = 0
         eval_data = FixedDataset(plain, args.eval_segments or stages[-1], args.eval_samples, seed)
+        if args.eval_memory_only:
+            if args.task != "babilong":
+                raise TrainError("--eval-memory-only is for --task babilong (facts that only the memory holds).")
+            memory_only = copy.copy(plain)
+            memory_only.facts_before_last = 1.0
+            eval_data = {"main": eval_data, "memory": FixedDataset(memory_only, 2, args.eval_samples, seed)}
 
     set_seed(seed)
     model = build_model(args, vocab_size, eos, backbone)
@@ -387,6 +410,7 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
         callbacks=[*(callbacks or []), *([TimeLimit(args.time_limit)] if args.time_limit is not None else [])],
         bptt_depth=args.bptt_depth,
         curriculum=curriculum,
+        memory_lr_scale=args.memory_lr_scale,
     )
     if trainer.is_world_process_zero():
         settings = {k: v for k, v in vars(args).items() if not k.endswith("_given")}

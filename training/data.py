@@ -16,6 +16,7 @@ try:  # Ctrl-C while torch loads: exit 130 without a traceback
 except KeyboardInterrupt:
     raise SystemExit(130) from None
 
+from eval.babi import ACTORS, OBJECTS
 from eval.data import layout_facts
 
 from . import TrainError
@@ -67,6 +68,10 @@ def parse_curriculum(value: str) -> tuple[int, ...]:
 # Tasks: a sample is {"input_ids": [...], "labels": [...]} (labels -100 except on the answer)
 
 
+# --extra-questions: the question form of a task and what it asks about
+EXTRA_QUESTION_FORMS = {"qa1": ("Where is {}? ", ACTORS), "qa2": ("Where is the {}? ", OBJECTS)}
+
+
 class BabilongTask:
     """BABILong-style samples of one bAbI task: facts in eval's layout in background text, question, separator, answer.
 
@@ -75,7 +80,7 @@ class BabilongTask:
 
     def __init__(self, task: str, tokenizer, haystack, segment_size: int, separator: str = "GEN",
                  babi_dir: str | None = None, seed: int = 0, context_questions: bool = False,
-                 answer_prefix: str = "", facts_before_last: float = 0.0):
+                 answer_prefix: str = "", facts_before_last: float = 0.0, extra_questions: int = 0):
         from eval.babi import check_task, find_babi_file, read_babi_file
 
         self.task = check_task(task)
@@ -90,6 +95,10 @@ class BabilongTask:
         if not 0.0 <= facts_before_last <= 1.0:
             raise ValueError(f"--facts-before-last must be a fraction in [0, 1], got {facts_before_last}.")
         self.facts_before_last = facts_before_last
+        if extra_questions < 0 or (extra_questions and self.task not in EXTRA_QUESTION_FORMS):
+            raise ValueError(f"--extra-questions takes a count >= 0 and works for "
+                             f"{', '.join(EXTRA_QUESTION_FORMS)}; got {extra_questions} for {self.task}.")
+        self.extra_questions = extra_questions
         self._sentence_cache: dict[int, list[int]] = {}  # haystack sentence index -> its ids (with a leading space)
         self.babi_file = list(read_babi_file(find_babi_file(babi_dir, task))) if babi_dir else None
 
@@ -121,7 +130,8 @@ class BabilongTask:
     def sample(self, rng: random.Random, length: int) -> dict[str, list[int]]:
         for attempt, (babi, earlier) in enumerate(self._candidates(rng)):
             question, answer = self._ids(babi.question), self._ids(self.answer_prefix + babi.answer) + [self.eos]
-            budget = length - len(question) - len(self.separator_ids) - len(answer)
+            extra = self._extra_questions(babi, rng)
+            budget = length - len(question) - len(self.separator_ids) - len(answer) - len(extra[0])
             texts = list(babi.facts)
             facts = [(ids, [IGNORE_INDEX] * len(ids)) for ids in map(self._ids, (" " + f for f in texts))]
             if self.context_questions:  # each earlier question (with its answer) right after its last fact
@@ -145,14 +155,40 @@ class BabilongTask:
                 context = None
             if context is not None:
                 prompt = context + question + self.separator_ids
-                return {"input_ids": prompt + answer,
-                        "labels": labels + [IGNORE_INDEX] * (len(prompt) - len(context)) + answer}
+                return {"input_ids": prompt + answer + extra[0],
+                        "labels": labels + [IGNORE_INDEX] * (len(prompt) - len(context)) + answer + extra[1]}
             if attempt >= 50:
                 break
         raise TrainError(
             f"A {length}-token sample cannot hold the facts of a {self.task} story ({budget} tokens left for "
             "them): use a larger --segment-size."
         )
+
+    def _extra_questions(self, babi, rng: random.Random) -> tuple[list[int], list[int]]:
+        """(ids, labels) of up to `extra_questions` more questions about the same facts, each followed by the
+        separator and its supervised answer and EOS, in random order: what the facts decide about other actors
+        (qa1) or objects (qa2)."""
+        from eval.babi import solve
+
+        ids: list[int] = []
+        labels: list[int] = []
+        if not self.extra_questions:
+            return ids, labels
+        form, names = EXTRA_QUESTION_FORMS[self.task]
+        names = list(names)
+        rng.shuffle(names)
+        asked = 0
+        for name in names:
+            question = form.format(name)
+            answer = solve(self.task, babi.facts, question)
+            if answer is None or question == babi.question or asked == self.extra_questions:
+                continue
+            prompt = self._ids(" " + question) + self.separator_ids
+            told = self._ids(self.answer_prefix + answer) + [self.eos]
+            ids += prompt + told
+            labels += [IGNORE_INDEX] * len(prompt) + told
+            asked += 1
+        return ids, labels
 
     def _memory_only_budget(self, length: int, budget: int, fact_tokens: int, rng: random.Random) -> int:
         """Context tokens the facts may occupy: all `budget`, or (a `facts_before_last` fraction of samples of 2+
@@ -344,7 +380,7 @@ def build_task(args: argparse.Namespace, seed: int, tokenizer=None):
     try:
         task = BabilongTask(args.babilong_task, tokenizer, haystack, args.segment_size, args.separator,
                             args.babi_dir, seed, args.context_questions, args.answer_prefix,
-                            args.facts_before_last)
+                            args.facts_before_last, getattr(args, "extra_questions", 0))
     except (ValueError, FileNotFoundError) as err:
         raise TrainError(str(err)) from err
     return task, tokenizer, len(tokenizer), tokenizer.eos_token_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -21,6 +22,8 @@ from . import TrainError
 from .data import IGNORE_INDEX, Curriculum
 
 logger = logging.getLogger("train")
+# names of ARMT's own parameters (also under a peft wrapper): memory embeddings, W_q, W_k, W_v, W_b
+MEMORY_PARAMETERS = re.compile(r"(^|\.)memory_(embeddings|position_embeddings|layers)\.")
 NONFINITE_PATIENCE = 10  # optimizer steps in a row with non-finite gradients before training stops
 
 
@@ -123,11 +126,33 @@ class ARMTTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # the loss is normalised by num_items_in_batch (the whole accumulated batch)
 
-    def __init__(self, *args, bptt_depth: int | None = None, curriculum: Curriculum | None = None, **kwargs):
+    def __init__(self, *args, bptt_depth: int | None = None, curriculum: Curriculum | None = None,
+                 memory_lr_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_callback(SkipNonFiniteSteps())
         self.bptt_depth = bptt_depth
         self.curriculum = curriculum
+        self.memory_lr_scale = memory_lr_scale
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; with `memory_lr_scale` != 1, the memory parameters (MEMORY_PARAMETERS) move to
+        groups of their own whose learning rate is scaled (the scheduler, made afterwards, scales every group)."""
+        optimizer = super().create_optimizer(model)
+        if self.memory_lr_scale == 1.0:
+            return optimizer
+        memory = {id(p) for n, p in self.model.named_parameters() if MEMORY_PARAMETERS.search(n)}
+        groups = []
+        for group in optimizer.param_groups:
+            params = [p for p in group["params"] if id(p) in memory]
+            rest = [p for p in group["params"] if id(p) not in memory]
+            if rest:
+                groups.append({**group, "params": rest})
+            if params:
+                groups.append({**group, "params": params, "lr": group["lr"] * self.memory_lr_scale})
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
 
     def _get_train_sampler(self, train_dataset=None):
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)

@@ -88,6 +88,20 @@ def load_backbone(source: str | None, with_tokenizer: bool = True):
     return backbone, tokenizer
 
 
+def keep_first_layers(backbone, count: int) -> None:
+    """Cut a pretrained backbone to its embeddings, its first `count` decoder layers, final norm and output layer (in
+    place; its config says `count` layers): a cheaper backbone that keeps the pretrained reading of the early layers."""
+    from modeling_armt import find_decoder_layers
+
+    layers = find_decoder_layers(backbone)
+    if not 1 <= count <= len(layers):
+        raise TrainError(f"--backbone-layers must lie in 1..{len(layers)} (the backbone's layers), got {count}.")
+    del layers[count:]
+    backbone.config.num_hidden_layers = count
+    if getattr(backbone.config, "layer_types", None) is not None:
+        backbone.config.layer_types = backbone.config.layer_types[:count]
+
+
 def with_lora(model: ARMTForCausalLM, rank: int):
     """A peft model: LoRA of rank `rank` (alpha 2 x rank) on the backbone's attention, the memory parameters
     (`MEMORY_MODULES`) trained in full and saved with the adapter."""
@@ -110,6 +124,11 @@ def build_model(args: argparse.Namespace, vocab_size: int, eos_token_id: int, ba
     armt = dict(segment_size=args.segment_size, num_mem_tokens=args.num_mem_tokens, d_mem=args.d_mem)
     if backbone is None and args.init_from:
         backbone, _ = load_backbone(args.init_from, with_tokenizer=False)
+    if getattr(args, "backbone_layers", None) is not None:
+        if backbone is None:
+            raise TrainError("--backbone-layers cuts a pretrained backbone: give --init-from smollm2, a GGUF file or a "
+                             "backbone folder (not an ARMT folder, whose layers are already chosen).")
+        keep_first_layers(backbone, args.backbone_layers)
     if backbone is not None:
         try:
             model = ARMTForCausalLM.from_backbone(backbone, **armt, **memory_options(args))

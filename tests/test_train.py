@@ -692,11 +692,25 @@ def test_extra_questions_add_supervised_answers_that_the_facts_decide():
 
 def test_eval_memory_only_reports_a_second_set_whose_facts_only_the_memory_holds(tmp_path):
     trainer = run([*TINY_BABILONG, "--curriculum", "1,2", "--max-steps", "1", "--batch-size", "2",
-                   "--eval-steps", "1", "--eval-samples", "2", "--eval-segments", "1", "--eval-memory-only",
+                   "--eval-steps", "1", "--eval-samples", "2", "--eval-segments", "0", "--eval-memory-only", "3",
                    "--save-strategy", "no", "--output-dir", str(tmp_path)])
     memory = trainer.eval_dataset["memory"]
-    assert memory.task.facts_before_last == 1.0 and memory.length > 48
+    assert memory.task.facts_before_last == 1.0 and 2 * 48 < memory.length <= 3 * 48
+    assert trainer.eval_dataset["main"].length == 0  # the stories alone
     metrics = {k for h in trainer.state.log_history for k in h}
     assert {"eval_main_accuracy", "eval_memory_accuracy", "eval_memory_loss"} <= metrics
     with pytest.raises(TrainError, match="--eval-memory-only"):
-        run([*TINY_AR, "--eval-memory-only", "--eval-steps", "1", "--output-dir", str(tmp_path / "ar")])
+        run([*TINY_AR, "--eval-memory-only", "2", "--eval-steps", "1", "--output-dir", str(tmp_path / "ar")])
+    with pytest.raises(TrainError, match="--eval-memory-only takes a number of segments >= 2"):
+        cli.parse_args([*TINY_BABILONG, "--eval-memory-only", "1", "--output-dir", str(tmp_path / "one")])
+
+
+def test_memory_only_samples_take_another_story_when_the_facts_do_not_fit_before_the_last_segment():
+    from eval.tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    task = BabilongTask("qa1", tokenizer, synthetic_haystack(tokenizer, 300), 32, facts_before_last=1.0)
+    for seed in range(10):
+        sample = task.sample(random.Random(seed), 60)
+        question = tokenizer.decode(sample["input_ids"][32:])
+        assert not re.search(r"(Mary|John|Daniel|Sandra) \w+(?: back)? to the", question), question

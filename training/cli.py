@@ -116,10 +116,10 @@ class ARMTArguments:
     memory_lr_scale: float = field(default=1.0, metadata={
         "help": "learning rate of the memory parameters (memory embeddings, W_q, W_k, W_v, W_b) as a multiple of "
         "--learning-rate"})
-    eval_memory_only: bool = field(default=False, metadata={
-        "help": "evaluate a second set beside the first: samples of 2 segments whose facts all lie in the first "
-        "(--facts-before-last 1), so only the memory can answer; logged as eval_memory_accuracy / eval_memory_loss "
-        "(the first set as eval_main_*)"})
+    eval_memory_only: int = field(default=0, metadata={
+        "metavar": "SEGMENTS", "help": "also evaluate samples of SEGMENTS segments (>= 2) whose facts all lie before "
+        "the last one (--facts-before-last 1), so only the memory can answer; logged as eval_memory_accuracy / "
+        "eval_memory_loss (the first set as eval_main_*). 0: no such set"})
     lora_r: int = field(default=0, metadata={
         "help": "LoRA rank on the backbone's attention (peft), the memory parameters trained in full; the final "
         "model is saved merged. 0: full fine-tuning"})
@@ -156,7 +156,8 @@ class ARMTArguments:
         "metavar": "K", "help": "truncated backprop: gradients through groups of K segments (default: all)"})
     eval_samples: int = field(default=64, metadata={"help": "evaluation samples"})
     eval_segments: int | None = field(default=None, metadata={
-        "help": "segments per evaluation sample (default: the curriculum's maximum)"})
+        "help": "segments per evaluation sample (default: the curriculum's maximum; 0: the stories alone, as "
+        "BABILong's 0k)"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch"})
     time_limit: float | None = field(default=None, metadata={
         "metavar": "MINUTES", "help": "stop after MINUTES of training (counted from the first step) with a checkpoint "
@@ -216,6 +217,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainingArgu
     for name in ("eval_samples", "segment_size", "num_mem_tokens", "d_mem", "layers", "heads", "hidden_size"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.eval_memory_only and args.eval_memory_only < 2:
+        raise TrainError(f"--eval-memory-only takes a number of segments >= 2 (facts before the last), got "
+                         f"{args.eval_memory_only}.")
+    if args.eval_segments is not None and args.eval_segments < 0:
+        raise TrainError(f"--eval-segments must be >= 0, got {args.eval_segments}.")
     if args.memory_lr_scale <= 0:
         raise TrainError(f"--memory-lr-scale must be > 0, got {args.memory_lr_scale}.")
     if args.lora_r < 0:
@@ -381,13 +387,15 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
         plain = copy.copy(task)
         plain.context_questions = False
         plain.extra_questions = 0
-        eval_data = FixedDataset(plain, args.eval_segments or stages[-1], args.eval_samples, seed)
+        segments = stages[-1] if args.eval_segments is None else args.eval_segments
+        eval_data = FixedDataset(plain, segments, args.eval_samples, seed)
         if args.eval_memory_only:
             if args.task != "babilong":
                 raise TrainError("--eval-memory-only is for --task babilong (facts that only the memory holds).")
             memory_only = copy.copy(plain)
             memory_only.facts_before_last = 1.0
-            eval_data = {"main": eval_data, "memory": FixedDataset(memory_only, 2, args.eval_samples, seed)}
+            eval_data = {"main": eval_data,
+                         "memory": FixedDataset(memory_only, args.eval_memory_only, args.eval_samples, seed)}
 
     set_seed(seed)
     model = build_model(args, vocab_size, eos, backbone)

@@ -145,8 +145,8 @@ class BabilongTask:
                 first = self._ids(texts[0])
                 context = first + [token for ids, _ in facts[1:] for token in ids]
                 labels = [IGNORE_INDEX] * len(first) + [label for _, part in facts[1:] for label in part]
-            elif sum(len(ids) for ids, _ in facts) + 2 <= budget:  # 2: room for the first piece without a space
-                early = self._memory_only_budget(length, budget, sum(len(ids) for ids, _ in facts), rng)
+            elif sum(len(ids) for ids, _ in facts) + 2 <= budget and (early := self._memory_only_budget(
+                    length, budget, sum(len(ids) for ids, _ in facts), rng)) is not None:  # 2: a first piece's space
                 context, labels = self._context(texts, facts, early, rng)
                 if early < budget:  # background alone up to the question: only the memory holds the facts
                     tail = self._background(budget - early, rng)
@@ -190,14 +190,18 @@ class BabilongTask:
             asked += 1
         return ids, labels
 
-    def _memory_only_budget(self, length: int, budget: int, fact_tokens: int, rng: random.Random) -> int:
+    def _memory_only_budget(self, length: int, budget: int, fact_tokens: int, rng: random.Random) -> int | None:
         """Context tokens the facts may occupy: all `budget`, or (a `facts_before_last` fraction of samples of 2+
-        segments) those before the last segment's start, when the facts fit there."""
+        segments) those before the last segment's start, when the facts fit there. None when every such sample must
+        be memory-only (`facts_before_last` 1) and this story's facts do not fit before the last segment: the caller
+        takes another story."""
         if self.facts_before_last == 0.0 or length <= self.segment_size:
             return budget
         early = (length - 1) // self.segment_size * self.segment_size
-        if rng.random() >= self.facts_before_last or early >= budget or fact_tokens + 2 > early:
+        if rng.random() >= self.facts_before_last or early >= budget:
             return budget
+        if fact_tokens + 2 > early:
+            return None if self.facts_before_last == 1.0 else budget
         return early
 
     def _background(self, count: int, rng: random.Random) -> list[int]:

@@ -714,3 +714,12 @@ def test_memory_only_samples_take_another_story_when_the_facts_do_not_fit_before
         sample = task.sample(random.Random(seed), 60)
         question = tokenizer.decode(sample["input_ids"][32:])
         assert not re.search(r"(Mary|John|Daniel|Sandra) \w+(?: back)? to the", question), question
+
+
+def test_min_segments_bounds_the_uniform_draw_from_below():
+    curriculum = Curriculum((0, 2, 8), stage_steps=50, min_segments=3)
+    drawn = [curriculum.segments(step) for step in range(150)]
+    assert set(drawn[:50]) == {0} and set(drawn[50:100]) == {2}  # a stage below the minimum takes its maximum
+    assert set(drawn[100:]) == set(range(3, 9))
+    with pytest.raises(TrainError, match="--min-segments"):
+        cli.parse_args([*TINY_AR, "--min-segments", "0", "--output-dir", "unused"])

@@ -106,6 +106,9 @@ class ARMTArguments:
         "help": "optimizer steps per stage (default: --max-steps split evenly)"})
     segment_sampling: str = field(default="uniform", metadata={
         "choices": ("uniform", "max"), "help": "per step: uniform in 1..stage max, or the stage max"})
+    min_segments: int = field(default=1, metadata={
+        "help": "uniform sampling draws from min(MIN, stage max) to the stage max (a segment too short for a story's "
+        "facts needs MIN >= 2)"})
     init_from: str | None = field(default=None, metadata={
         "help": "start from an ARMT folder, or wrap a pretrained backbone in a fresh ARMT (W_v = 0: it starts as the "
         "backbone): a folder or Hub id, a .gguf file, or smollm2 (SmolLM2-135M-Instruct, fetched once by "
@@ -222,6 +225,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainingArgu
                          f"{args.eval_memory_only}.")
     if args.eval_segments is not None and args.eval_segments < 0:
         raise TrainError(f"--eval-segments must be >= 0, got {args.eval_segments}.")
+    if args.min_segments < 1:
+        raise TrainError(f"--min-segments must be >= 1, got {args.min_segments}.")
     if args.memory_lr_scale <= 0:
         raise TrainError(f"--memory-lr-scale must be > 0, got {args.memory_lr_scale}.")
     if args.lora_r < 0:
@@ -378,7 +383,7 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
         raise TrainError("A curriculum stage of 0 segments (the stories alone) is for --task babilong.")
     max_steps = training_args.max_steps
     stage_steps = args.stage_steps or max(1, math.ceil(max_steps / len(stages)))
-    curriculum = Curriculum(stages, stage_steps, args.segment_sampling, seed)
+    curriculum = Curriculum(stages, stage_steps, args.segment_sampling, seed, args.min_segments)
     global_batch = (training_args.per_device_train_batch_size * training_args.world_size
                     * training_args.gradient_accumulation_steps)
     train_data = CurriculumDataset(task, curriculum, max_steps, global_batch, seed)

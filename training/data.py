@@ -38,8 +38,9 @@ class Curriculum:
 
     stages: tuple[int, ...]
     stage_steps: int
-    sampling: str = "uniform"  # "uniform": 1..stage max; "max": always the stage max
+    sampling: str = "uniform"  # "uniform": min_segments..stage max; "max": always the stage max
     seed: int = 0
+    min_segments: int = 1
 
     def max_segments(self, step: int) -> int:
         return self.stages[min(step // self.stage_steps, len(self.stages) - 1)]
@@ -50,7 +51,9 @@ class Curriculum:
     def segments(self, step: int) -> int:
         """The number of segments of every sample of optimizer step `step`."""
         top = self.max_segments(step)
-        return top if self.sampling == "max" or top == 0 else self.step_rng(step).randint(1, top)
+        if self.sampling == "max" or top == 0:
+            return top
+        return self.step_rng(step).randint(min(self.min_segments, top), top)
 
 
 def parse_curriculum(value: str) -> tuple[int, ...]:

@@ -723,3 +723,14 @@ def test_min_segments_bounds_the_uniform_draw_from_below():
     assert set(drawn[100:]) == set(range(3, 9))
     with pytest.raises(TrainError, match="--min-segments"):
         cli.parse_args([*TINY_AR, "--min-segments", "0", "--output-dir", "unused"])
+
+
+def test_stories_alone_turns_a_fraction_of_the_steps_into_story_only_steps():
+    plain = Curriculum((0, 4), stage_steps=10, min_segments=2)
+    mixed = Curriculum((0, 4), stage_steps=10, min_segments=2, stories_alone=0.3)
+    drawn = [mixed.segments(step) for step in range(10, 1010)]
+    assert 0.25 < drawn.count(0) / len(drawn) < 0.35 and set(drawn) == {0, 2, 3, 4}
+    assert [plain.segments(step) for step in range(10, 60)] == [
+        Curriculum((0, 4), stage_steps=10, min_segments=2).segments(step) for step in range(10, 60)]
+    with pytest.raises(TrainError, match="--stories-alone"):
+        cli.parse_args([*TINY_AR, "--stories-alone", "0.5", "--output-dir", "unused"])

@@ -109,6 +109,9 @@ class ARMTArguments:
     min_segments: int = field(default=1, metadata={
         "help": "uniform sampling draws from min(MIN, stage max) to the stage max (a segment too short for a story's "
         "facts needs MIN >= 2)"})
+    stories_alone: float = field(default=0.0, metadata={
+        "help": "fraction of the steps of stages above 0 that train on the stories alone (BABILong's 0k inputs) "
+        "instead, so the in-context skill is kept (--task babilong)"})
     init_from: str | None = field(default=None, metadata={
         "help": "start from an ARMT folder, or wrap a pretrained backbone in a fresh ARMT (W_v = 0: it starts as the "
         "backbone): a folder or Hub id, a .gguf file, or smollm2 (SmolLM2-135M-Instruct, fetched once by "
@@ -225,6 +228,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainingArgu
                          f"{args.eval_memory_only}.")
     if args.eval_segments is not None and args.eval_segments < 0:
         raise TrainError(f"--eval-segments must be >= 0, got {args.eval_segments}.")
+    if not 0.0 <= args.stories_alone <= 1.0 or (args.stories_alone and args.task != "babilong"):
+        raise TrainError(f"--stories-alone is a fraction in [0, 1] for --task babilong, got {args.stories_alone}.")
     if args.min_segments < 1:
         raise TrainError(f"--min-segments must be >= 1, got {args.min_segments}.")
     if args.memory_lr_scale <= 0:
@@ -383,7 +388,7 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
         raise TrainError("A curriculum stage of 0 segments (the stories alone) is for --task babilong.")
     max_steps = training_args.max_steps
     stage_steps = args.stage_steps or max(1, math.ceil(max_steps / len(stages)))
-    curriculum = Curriculum(stages, stage_steps, args.segment_sampling, seed, args.min_segments)
+    curriculum = Curriculum(stages, stage_steps, args.segment_sampling, seed, args.min_segments, args.stories_alone)
     global_batch = (training_args.per_device_train_batch_size * training_args.world_size
                     * training_args.gradient_accumulation_steps)
     train_data = CurriculumDataset(task, curriculum, max_steps, global_batch, seed)

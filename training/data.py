@@ -41,6 +41,7 @@ class Curriculum:
     sampling: str = "uniform"  # "uniform": min_segments..stage max; "max": always the stage max
     seed: int = 0
     min_segments: int = 1
+    stories_alone: float = 0.0  # the fraction of steps (stages above 0) that take the stories alone instead
 
     def max_segments(self, step: int) -> int:
         return self.stages[min(step // self.stage_steps, len(self.stages) - 1)]
@@ -51,9 +52,12 @@ class Curriculum:
     def segments(self, step: int) -> int:
         """The number of segments of every sample of optimizer step `step`."""
         top = self.max_segments(step)
-        if self.sampling == "max" or top == 0:
+        if top == 0:
             return top
-        return self.step_rng(step).randint(min(self.min_segments, top), top)
+        rng = self.step_rng(step)
+        if self.stories_alone and rng.random() < self.stories_alone:
+            return 0
+        return top if self.sampling == "max" else rng.randint(min(self.min_segments, top), top)
 
 
 def parse_curriculum(value: str) -> tuple[int, ...]:

@@ -734,3 +734,21 @@ def test_stories_alone_turns_a_fraction_of_the_steps_into_story_only_steps():
         Curriculum((0, 4), stage_steps=10, min_segments=2).segments(step) for step in range(10, 60)]
     with pytest.raises(TrainError, match="--stories-alone"):
         cli.parse_args([*TINY_AR, "--stories-alone", "0.5", "--output-dir", "unused"])
+
+
+def test_joined_prompts_tokenize_question_and_separator_as_one_string():
+    from eval.tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    haystack = synthetic_haystack(tokenizer, 300)
+    task = BabilongTask("qa1", tokenizer, haystack, 64, answer_prefix=" ", joined_prompts=1.0)
+    plain = BabilongTask("qa1", tokenizer, haystack, 64, answer_prefix=" ")
+    for seed in range(4):
+        sample, base = task.sample(random.Random(seed), 100), plain.sample(random.Random(seed), 100)
+        ids = sample["input_ids"]
+        end = ids.index(tokenizer.eos_token_id)
+        question = re.search(r"Where is \w+\? GEN", tokenizer.decode(ids)).group()
+        asked = tokenizer(" " + question, add_special_tokens=False)["input_ids"]
+        assert ids[end - 1 - len(asked) : end - 1] == asked and len(ids) == len(base["input_ids"]) == 100
+        assert tokenizer.decode(base["input_ids"]).count(question) == 1  # the same text, tokenized part by part
+        assert base["input_ids"][-2 - len(asked) : -2] != asked

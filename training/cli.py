@@ -88,6 +88,10 @@ class ARMTArguments:
         "help": "BABILong training samples (qa1, qa2) end with up to N more questions about the same facts (other "
         "actors or objects), each followed by its supervised answer and EOS: N more answers per sample, all from "
         "the memory when the facts lie before the last segment; evaluation samples stay plain"})
+    joined_prompts: float = field(default=0.0, metadata={
+        "help": "fraction of BABILong training samples whose question and separator are tokenized as one string "
+        "(' Where is Mary? GEN'), as a plain-string prompt or the chat template gives them, instead of part by part "
+        "as eval.babilong's raw prompt does; evaluation samples stay as eval's"})
     answer_prefix: str = field(default="", metadata={
         "help": 'text the answer starts with (default none, the authors\' "GENbathroom"); " " makes the answer the '
         "very token the facts use for the place; BABILong's scoring strips it"})
@@ -397,6 +401,7 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
         plain = copy.copy(task)
         plain.context_questions = False
         plain.extra_questions = 0
+        plain.joined_prompts = 0.0
         segments = stages[-1] if args.eval_segments is None else args.eval_segments
         eval_data = FixedDataset(plain, segments, args.eval_samples, seed)
         if args.eval_memory_only:

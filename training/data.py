@@ -87,14 +87,15 @@ class BabilongTask:
 
     def __init__(self, task: str, tokenizer, haystack, segment_size: int, separator: str = "GEN",
                  babi_dir: str | None = None, seed: int = 0, context_questions: bool = False,
-                 answer_prefix: str = "", facts_before_last: float = 0.0, extra_questions: int = 0):
+                 answer_prefix: str = "", facts_before_last: float = 0.0, extra_questions: int = 0,
+                 joined_prompts: float = 0.0):
         from eval.babi import check_task, find_babi_file, read_babi_file
 
         self.task = check_task(task)
         self.tokenizer = tokenizer
         self.haystack = haystack
         self.segment_size = segment_size
-        self.separator_ids = self._ids(separator)
+        self.separator, self.separator_ids = separator, self._ids(separator)
         self.eos = tokenizer.eos_token_id
         self.seed = seed
         self.context_questions = context_questions
@@ -106,6 +107,9 @@ class BabilongTask:
             raise ValueError(f"--extra-questions takes a count >= 0 and works for "
                              f"{', '.join(EXTRA_QUESTION_FORMS)}; got {extra_questions} for {self.task}.")
         self.extra_questions = extra_questions
+        if not 0.0 <= joined_prompts <= 1.0:
+            raise ValueError(f"--joined-prompts must be a fraction in [0, 1], got {joined_prompts}.")
+        self.joined_prompts = joined_prompts
         self._sentence_cache: dict[int, list[int]] = {}  # haystack sentence index -> its ids (with a leading space)
         self.babi_file = list(read_babi_file(find_babi_file(babi_dir, task))) if babi_dir else None
 
@@ -136,14 +140,16 @@ class BabilongTask:
 
     def sample(self, rng: random.Random, length: int) -> dict[str, list[int]]:
         for attempt, (babi, earlier) in enumerate(self._candidates(rng)):
-            question, answer = self._ids(babi.question), self._ids(self.answer_prefix + babi.answer) + [self.eos]
-            extra = self._extra_questions(babi, rng)
-            budget = length - len(question) - len(self.separator_ids) - len(answer) - len(extra[0])
+            joined = bool(self.joined_prompts) and rng.random() < self.joined_prompts
+            question = self._ask(babi.question, joined, first=True)
+            answer = self._ids(self.answer_prefix + babi.answer) + [self.eos]
+            extra = self._extra_questions(babi, rng, joined)
+            budget = length - len(question) - len(answer) - len(extra[0])
             texts = list(babi.facts)
             facts = [(ids, [IGNORE_INDEX] * len(ids)) for ids in map(self._ids, (" " + f for f in texts))]
             if self.context_questions:  # each earlier question (with its answer) right after its last fact
                 for before in reversed(earlier):
-                    asked = self._ids(" " + before.question) + self.separator_ids
+                    asked = self._ask(before.question, joined)
                     told = self._ids(self.answer_prefix + before.answer)
                     at = len(before.facts)
                     texts.insert(at, " " + before.question)
@@ -161,7 +167,7 @@ class BabilongTask:
             else:
                 context = None
             if context is not None:
-                prompt = context + question + self.separator_ids
+                prompt = context + question
                 return {"input_ids": prompt + answer + extra[0],
                         "labels": labels + [IGNORE_INDEX] * (len(prompt) - len(context)) + answer + extra[1]}
             if attempt >= 50:
@@ -171,7 +177,15 @@ class BabilongTask:
             "them): use a larger --segment-size."
         )
 
-    def _extra_questions(self, babi, rng: random.Random) -> tuple[list[int], list[int]]:
+    def _ask(self, question: str, joined: bool, first: bool = False) -> list[int]:
+        """Question and separator ids: as eval's raw prompt tokenizes them (each part alone; the sample's own
+        question without a leading space), or `joined`, as one string " {question} {separator}" is tokenized (what a
+        user's plain-string prompt or the chat template gives)."""
+        if joined:
+            return self._ids(f" {question.strip()} {self.separator}")
+        return self._ids(question if first else " " + question) + self.separator_ids
+
+    def _extra_questions(self, babi, rng: random.Random, joined: bool) -> tuple[list[int], list[int]]:
         """(ids, labels) of up to `extra_questions` more questions about the same facts, each followed by the
         separator and its supervised answer and EOS, in random order: what the facts decide about other actors
         (qa1) or objects (qa2)."""
@@ -190,7 +204,7 @@ class BabilongTask:
             answer = solve(self.task, babi.facts, question)
             if answer is None or question == babi.question or asked == self.extra_questions:
                 continue
-            prompt = self._ids(" " + question) + self.separator_ids
+            prompt = self._ask(question, joined)
             told = self._ids(self.answer_prefix + answer) + [self.eos]
             ids += prompt + told
             labels += [IGNORE_INDEX] * len(prompt) + told
@@ -391,7 +405,8 @@ def build_task(args: argparse.Namespace, seed: int, tokenizer=None):
     try:
         task = BabilongTask(args.babilong_task, tokenizer, haystack, args.segment_size, args.separator,
                             args.babi_dir, seed, args.context_questions, args.answer_prefix,
-                            args.facts_before_last, getattr(args, "extra_questions", 0))
+                            args.facts_before_last, getattr(args, "extra_questions", 0),
+                            getattr(args, "joined_prompts", 0.0))
     except (ValueError, FileNotFoundError) as err:
         raise TrainError(str(err)) from err
     return task, tokenizer, len(tokenizer), tokenizer.eos_token_id

@@ -558,8 +558,9 @@ def test_init_from_an_armt_folder_keeps_its_tokenizer_and_chat_template(tmp_path
     _, tokenizer = tiny_backbone_folder(tmp_path / "backbone")
     run([*BACKBONE_RUN, "--init-from", str(tmp_path / "backbone"), "--max-steps", "1",
          "--output-dir", str(tmp_path / "stage1")])
-    trainer = run([*BACKBONE_RUN, "--init-from", str(tmp_path / "stage1"), "--max-steps", "1",
-                   "--output-dir", str(tmp_path / "stage2")])
+    trainer = run([*BACKBONE_RUN[:4], *BACKBONE_RUN[6:], "--init-from", str(tmp_path / "stage1"), "--max-steps", "1",
+                   "--output-dir", str(tmp_path / "stage2")])  # no --segment-size: the folder's own
+    assert trainer.train_dataset.task.segment_size == 48
     from transformers import AutoTokenizer
 
     assert trainer.processing_class.chat_template == tokenizer.chat_template

@@ -56,7 +56,7 @@ try:  # Ctrl-C while torch and transformers load: exit 130 without a traceback
         parse_curriculum,
     )
     from .loss import ARMTTrainer, answer_accuracy
-    from .model import MODEL_DEFAULTS, build_model, load_backbone, with_lora
+    from .model import MODEL_DEFAULTS, build_model, load_backbone, take_armt_settings, with_lora
 except KeyboardInterrupt:
     raise SystemExit(130) from None
 
@@ -382,6 +382,7 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
     writable_output(training_args.output_dir)
     checkpoint = resume_checkpoint(args, training_args.output_dir)
     seed = training_args.seed
+    take_armt_settings(args)
     backbone, backbone_tokenizer = load_backbone(args.init_from, with_tokenizer=args.tokenizer is None)
     task, tokenizer, data_vocab, eos = build_task(args, seed, backbone_tokenizer)
     vocab_size = args.vocab_size or data_vocab

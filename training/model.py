@@ -102,6 +102,21 @@ def keep_first_layers(backbone, count: int) -> None:
         backbone.config.layer_types = backbone.config.layer_types[:count]
 
 
+def take_armt_settings(args: argparse.Namespace) -> None:
+    """--init-from an ARMT folder: its segment size, memory tokens and d_mem stand in for the flags not given, so
+    that the data is laid out in the model's own segments (given flags must agree: `build_model` checks)."""
+    if not args.init_from or args.init_from == SMOLLM2 or Path(args.init_from).suffix == ".gguf":
+        return
+    try:
+        config = AutoConfig.from_pretrained(args.init_from, trust_remote_code=True)
+    except (OSError, ValueError):
+        return  # not a folder we can read here: load_backbone names the problem
+    if config.model_type == "armt":
+        for name in ("segment_size", "num_mem_tokens", "d_mem"):
+            if not getattr(args, f"{name}_given"):
+                setattr(args, name, getattr(config, name))
+
+
 def with_lora(model: ARMTForCausalLM, rank: int):
     """A peft model: LoRA of rank `rank` (alpha 2 x rank) on the backbone's attention, the memory parameters
     (`MEMORY_MODULES`) trained in full and saved with the adapter."""

@@ -753,3 +753,17 @@ def test_joined_prompts_tokenize_question_and_separator_as_one_string():
         assert ids[end - 1 - len(asked) : end - 1] == asked and len(ids) == len(base["input_ids"]) == 100
         assert tokenizer.decode(base["input_ids"]).count(question) == 1  # the same text, tokenized part by part
         assert base["input_ids"][-2 - len(asked) : -2] != asked
+
+
+def test_a_model_trained_on_raw_prompts_saves_a_chat_template_that_renders_the_joined_prompt(tmp_path):
+    run([*TINY_BABILONG, "--curriculum", "1", "--max-steps", "1", "--batch-size", "2", "--save-strategy", "no",
+         "--output-dir", str(tmp_path)])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    chat = [{"role": "user", "content": "Mary moved to the bathroom. Where is Mary? "},
+            {"role": "assistant", "content": "bathroom"}, {"role": "user", "content": "Where is John?"}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == "Mary moved to the bathroom. Where is Mary? GEN bathroom<|endoftext|> Where is John? GEN"
+    joined = BabilongTask("qa1", tokenizer, synthetic_haystack(tokenizer, 50), 48)._ask("Where is John? ", True)
+    assert tokenizer(text)["input_ids"][-len(joined):] == joined  # what --joined-prompts trains on

@@ -366,6 +366,17 @@ def load_tokenizer(name: str, tokenizer=None):
     return tokenizer
 
 
+def raw_chat_template(separator: str) -> str:
+    """A chat template for a model trained on raw BABILong prompts: user turns (context and question in one
+    message) end with " {separator}", after which the model answers; assistant turns follow as " {answer}" + EOS.
+    A plain string in the same form ("Mary moved to the bathroom. Where is Mary? GEN") reads the same."""
+    return ("{%- for m in messages -%}"
+            "{%- if m['role'] == 'user' -%}{%- if not loop.first %} {% endif -%}{{ m['content'] | trim }} "
+            + separator.replace("'", "") +
+            "{%- elif m['role'] == 'assistant' %} {{ m['content'] | trim }}{{ eos_token }}{%- endif -%}"
+            "{%- endfor -%}")
+
+
 def data_collator(tokenizer):
     """Samples of one step share their length, and the library's collators stack them; stage-0 BABILong samples
     (stories of their own lengths) are right-padded by `DataCollatorForSeq2Seq` (labels with -100). Associative
@@ -402,6 +413,8 @@ def build_task(args: argparse.Namespace, seed: int, tokenizer=None):
                                      online=sources == ["pg19"])
         except (FileNotFoundError, ValueError) as err:
             raise TrainError(f"--haystack {' '.join(sources)}: {err}") from err
+    if tokenizer.chat_template is None:  # a backbone's own template (SmolLM2's ChatML) stays
+        tokenizer.chat_template = raw_chat_template(args.separator)
     try:
         task = BabilongTask(args.babilong_task, tokenizer, haystack, args.segment_size, args.separator,
                             args.babi_dir, seed, args.context_questions, args.answer_prefix,

@@ -157,6 +157,12 @@ class ARMTConfig(PreTrainedConfig):
                     f"{table_size - (0 if self.wrap_pos else self.num_mem_tokens)}."
                 )
 
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
+        """The backbone's config, as composite models return their text sub-config: it holds the vocabulary, the
+        special token ids (eos, bos, pad), `use_cache` and the other fields that generation, pipelines and the Trainer
+        read from a model's text config. The backbone is decoder-only, so `decoder` / `encoder` change nothing."""
+        return self.base_config
+
     @property
     def d_key(self) -> int:
         """Size of the DPFP keys: 2 * nu * d_mem."""

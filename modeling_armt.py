@@ -17,7 +17,7 @@ import copy
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 from transformers.generation.utils import GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
 
 try:
     from .configuration_armt import LEARNED_POSITION_TABLES, ARMTConfig
@@ -220,6 +221,13 @@ class ARMTSegmentLayer(DynamicLayer):
         super().batch_repeat_interleave(repeats)
         self._keys = self._values = None
 
+    def assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold exactly these keys/values (no buffers: the next update allocates anew)."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        self.keys, self.values, self.length = keys, values, keys.shape[-2]
+        self._keys = self._values = None
+
 
 class ARMTStaticSegmentLayer(CacheLayerMixin):
     """A compiled decode step's view of one layer's segment buffers: fixed shapes, the write position `fill` a
@@ -258,6 +266,24 @@ class ARMTSegmentCache(DynamicCache):
 
     def __init__(self, num_layers: int, capacity: int):
         Cache.__init__(self, layers=[ARMTSegmentLayer(capacity) for _ in range(num_layers)])
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Keys then values of every layer, or [] while nothing is cached."""
+        if not all(layer.is_initialized for layer in self.layers):
+            return []
+        return [layer.keys for layer in self.layers] + [layer.values for layer in self.layers]
+
+    def assign(self, tensors: list[torch.Tensor]) -> "ARMTSegmentCache":
+        """Hold the keys/values `tensors()` returned (nothing for []). Returns the cache."""
+        num_layers = len(self.layers)
+        for layer, keys, values in zip(self.layers, tensors[:num_layers], tensors[num_layers:]):
+            layer.assign(keys, values)
+        return self
+
+    def snapshot(self) -> "ARMTSegmentCache":
+        """A copy that later in-place updates of this cache's buffers leave alone."""
+        twin = ARMTSegmentCache(len(self.layers), self.layers[0].capacity)
+        return twin.assign([tensor.clone() for tensor in self.tensors()])
 
 
 class ARMTCacheLayer:
@@ -316,6 +342,7 @@ class ARMTCache(Cache):
         self.segment_mask: torch.Tensor | None = None  # (B, kv length), None when every entry is valid for every row
         self.record_past = False  # assisted decoding: keep what undoes each memory write until the next crop()
         self._undo: list[_Undo] = []
+        self._crop_floor = 0  # columns seen at the latest memory write or row reset: crop() goes no further back
         self._static_fill = torch.zeros((), dtype=torch.long, device=device)  # a compiled step's write position
 
     @property
@@ -425,7 +452,28 @@ class ARMTCache(Cache):
         self.memory_written.zero_()
         self.row_tokens.zero_()
         self.seen_tokens = 0
+        self._crop_floor = 0
+        self._undo.clear()
         self._drop_segment()
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Start a new stream in `rows` ((B,) bool): their memory and unfinished segment are dropped, the others
+        keep theirs (a packed row's next document starts)."""
+        keep = ~rows.cpu()
+        for layer in self.layers:
+            layer.A = torch.where(keep.to(layer.A.device).view(-1, 1, 1), layer.A, 0.0)
+            if layer.z is not None:
+                layer.z = torch.where(keep.to(layer.z.device).view(-1, 1), layer.z, 0.0)
+        self.memory_written = self.memory_written & keep.to(self.memory_written.device)
+        self.row_tokens = torch.where(keep, self.row_tokens, 0)
+        if self._segment_length():
+            device = self.segment_cache.layers[0].keys.device
+            mask = self.segment_mask
+            if mask is None:
+                mask = torch.ones(self.batch_size, self._segment_length(), dtype=torch.long, device=device)
+            self.segment_mask = mask * keep.to(mask.device).view(-1, 1)
+            self._trim_segment()
+        self._crop_floor = self.seen_tokens
 
     def _index_rows(self, rows: torch.Tensor) -> None:
         for layer in self.layers:
@@ -517,6 +565,8 @@ class ARMTCache(Cache):
                 cache.segment_cache.update(keys, values, idx)
         if "segment_mask" in tensors:
             cache.segment_mask = tensors["segment_mask"].to(device)
+        # rows out of step: their latest write's column is not saved, so crop() keeps all that was loaded
+        cache._crop_floor = seen_tokens - (0 if cache.segment_mask is not None else cache._segment_length())
         return cache
 
     # ------------------------------------------------------------------ what a forward asks of the cache, piece by piece
@@ -531,17 +581,24 @@ class ARMTCache(Cache):
             layer.A = layer.A.detach()
             layer.z = None if layer.z is None else layer.z.detach()
 
-    def next_piece(self, real: torch.Tensor | None, start: int, length: int) -> tuple[int, torch.Tensor | None]:
+    def next_piece(
+        self, real: torch.Tensor | None, start: int, length: int, starts: torch.Tensor | None = None
+    ) -> tuple[int, torch.Tensor | None]:
         """Where the next backbone call over columns [start, length) of an input ends: at the first column where
-        some row's segment fills, or the input's end. Returns (end, rows whose segment fills at end - 1 as a CPU bool
-        tensor, or None). `real` (B, length) marks real tokens (None: all are)."""
+        some row's segment fills, before the next column where a row's next document starts, or at the input's end.
+        Returns (end, rows whose segment fills at end - 1 as a CPU bool tensor, or None). `real` (B, length) marks real
+        tokens (None: all are); `starts` (B, length), document starts (None: none)."""
+        if starts is not None:
+            later = starts[:, start + 1 : length].any(0).nonzero()
+            if later.numel():  # the piece ends where the first segment fills or before that document starts
+                return self.next_piece(real, start, start + 1 + int(later[0]))
         need = self.segment_size - self.segment_fill  # real tokens each row still needs, (B,)
         if real is None:
             end = min(length, start + int(need.min()))
             rows = need == end - start
         else:
-            count = real[:, start:].cumsum(1)
-            hits = (count == need.unsqueeze(1)) & real[:, start:]
+            count = real[:, start:length].cumsum(1)
+            hits = (count == need.unsqueeze(1)) & real[:, start:length]
             hit_any = hits.any(1)
             if not bool(hit_any.any()):
                 return length, None
@@ -619,29 +676,35 @@ class ARMTCache(Cache):
         for layer, layer_A, layer_z in zip(self.layers, A, z):
             layer.A, layer.z = layer_A, layer_z
         self.seen_tokens += piece.num_tokens
+        self.row_tokens += piece.num_tokens if piece.advance is None else piece.advance
+        if piece.write and self.record_past:
+            # the memory before the write, the segment's keys/values (+ the memory tokens') and the counters after the
+            # piece; rows out of step keep using their segment cache, so theirs is copied
+            segment = self.segment_cache if piece.advance is None else self.segment_cache.snapshot()
+            self._undo.append(_Undo(*before, self.memory_written, segment, self.seen_tokens, self.row_tokens.clone(),
+                                    piece.kept_mask, self._crop_floor))
+        if piece.write:
+            self._crop_floor = self.seen_tokens
         if piece.advance is None:  # aligned
-            self.row_tokens += piece.num_tokens
             if piece.write:
-                if self.record_past:  # the segment's keys/values (+ the memory tokens') and the memory before the write
-                    self._undo.append(_Undo(*before, self.memory_written, self.segment_cache, self.seen_tokens,
-                                            self.row_tokens.clone()))
                 self.memory_written = torch.ones_like(self.memory_written)
                 self._drop_segment()
             return
         if piece.write:
             self.segment_cache.crop(-self.num_mem_tokens)  # the memory tokens' keys/values belong to no segment
         self.segment_mask = piece.kept_mask
-        self.row_tokens += piece.advance
         if piece.write:
+            self.segment_mask = self.segment_mask.clone()  # the undo record keeps the mask before the write
             self.segment_mask[piece.write_rows] = 0
             self.memory_written = self.memory_written | piece.write_rows
         self._trim_segment()
 
     @property
     def is_croppable(self) -> bool:
-        """`crop` can restore the state of an earlier length: always within the current segment; across memory writes
-        made since the last crop while `record_past` is on (assisted decoding)."""
-        return self.segment_mask is None
+        """`crop` can restore the state of an earlier length: always back to the latest memory write (the current
+        segment, or for rows out of step the columns since any row's write); across memory writes made since the last
+        crop while `record_past` is on (assisted decoding)."""
+        return True
 
     def activate_past_recording(self) -> None:
         """Keep what undoes each memory write until the next `crop` (assisted decoding calls it: rejected draft tokens
@@ -654,30 +717,41 @@ class ARMTCache(Cache):
         since the last crop (their memory writes are undone). Earlier ones are in the memory for good."""
         if max_length <= 0:
             max_length = self.seen_tokens + max_length
-        while self._undo and max_length < self.seen_tokens - self._segment_length():
+        while self._undo and max_length < self._undo[-1].seen_tokens:
             self._undo_write(self._undo.pop())
         self._undo.clear()  # what is kept now is accepted: no later crop goes back past it
-        removable = self._segment_length() if self.segment_mask is None and self.is_aligned else 0
+        if self.segment_mask is None:
+            removable = self._segment_length() if self.is_aligned else 0
+        else:  # rows out of step: the columns since the latest write or row reset, by their mask
+            removable = min(self._segment_length(), self.seen_tokens - self._crop_floor)
         start = self.seen_tokens - removable
         if max_length < start or max_length > self.seen_tokens:
             raise ValueError(
                 f"Cannot crop the ARMTCache to {max_length} tokens: only tokens of the current segment "
                 f"({start}..{self.seen_tokens}) can be removed; earlier ones are already written into memory."
             )
-        if max_length < self.seen_tokens:
-            self.segment_cache.crop(max_length - self.seen_tokens)
-        self.row_tokens -= self.seen_tokens - max_length
+        remove = self.seen_tokens - max_length
+        if remove:
+            self.segment_cache.crop(-remove)
+            if self.segment_mask is None:
+                self.row_tokens -= remove
+            else:
+                self.row_tokens -= self.segment_mask[:, -remove:].sum(1).cpu()
+                self.segment_mask = self.segment_mask[:, :-remove]
+                self._trim_segment()
         self.seen_tokens = max_length
 
     def _undo_write(self, undo: "_Undo") -> None:
-        """Back to the end of a segment, before its memory write: memory as it was, the segment's keys/values back."""
+        """Back to the end of the piece that wrote, before its memory write: memory as it was, the segment's
+        keys/values and mask back."""
         for layer, A, z in zip(self.layers, undo.A, undo.z):
             layer.A, layer.z = A, z
         self.memory_written = undo.written
         self.segment_cache = undo.segment_cache
         self.segment_cache.crop(-self.num_mem_tokens)  # the memory tokens' keys/values
-        self.segment_mask = None
-        self.seen_tokens, self.row_tokens = undo.seen_tokens, undo.row_tokens
+        self.segment_mask = undo.segment_mask
+        self.seen_tokens, self.row_tokens, self._crop_floor = undo.seen_tokens, undo.row_tokens, undo.crop_floor
+        self._trim_segment()
 
 
 def _check_cache_layout(path, config: ARMTConfig, slices: dict) -> None:
@@ -742,8 +816,8 @@ def _check_cache_values(path, config: ARMTConfig, tensors: dict, seen_tokens: in
 
 @dataclass
 class _Undo:
-    """What takes back one memory write (aligned rows): memory before it, the finished segment's keys/values (with
-    the memory tokens' at the end) and the counters at the segment's end."""
+    """What takes back one memory write: memory before it, the segment's keys/values (with the memory tokens' at the
+    end), their mask (None: all valid) and the counters at the end of the piece that wrote."""
 
     A: list[torch.Tensor]
     z: list[torch.Tensor | None]
@@ -751,6 +825,8 @@ class _Undo:
     segment_cache: DynamicCache
     seen_tokens: int
     row_tokens: torch.Tensor
+    segment_mask: torch.Tensor | None
+    crop_floor: int
 
 
 @dataclass
@@ -768,6 +844,93 @@ class _Piece:
     kept_mask: torch.Tensor | None = None  # (B, kv length) validity of the segment's keys/values after the call
     written: torch.Tensor | None = None  # (B,) rows whose memory held something before the call
     read: bool = False  # some row reads memory (kept here: a checkpointed recomputation must see the same)
+
+
+@dataclass
+class _Outputs:
+    """The optional outputs of a forward, gathered piece by piece (`output_hidden_states` / `output_attentions`)."""
+
+    hidden_states: bool | int | list[int] | None
+    attentions: bool
+    pieces_hidden: list = field(default_factory=list)  # per piece: per hidden state (None: not selected), its tokens
+    pieces_attentions: list = field(default_factory=list)  # per piece: per layer, the piece's tokens' weights
+
+    def replay(self) -> "_Outputs":
+        """The same request, collecting apart (a checkpointed piece's recomputation)."""
+        return _Outputs(self.hidden_states, self.attentions)
+
+    def add(self, result, num_tokens: int, first_input: torch.Tensor | None) -> None:
+        """Take a backbone call's hidden states / attentions, without the memory tokens' positions or queries.
+        `first_input`: the first decoder layer's input before its memory read, which stands for the embeddings."""
+        if self.hidden_states:
+            hidden = list(result.hidden_states)
+            if first_input is not None and hidden[0] is not None:
+                hidden[0] = first_input
+            self.pieces_hidden.append(tuple(None if h is None else h[:, :num_tokens] for h in hidden))
+        if self.attentions:
+            self.pieces_attentions.append(tuple(weights[:, :, :num_tokens] for weights in result.attentions))
+
+    def fields(self) -> dict:
+        """`hidden_states` (per hidden state, the pieces concatenated along the sequence) and `attentions` (per piece)
+        for the model output; None where not asked."""
+        hidden = None
+        if self.hidden_states and self.pieces_hidden:
+            hidden = tuple(None if parts[0] is None else torch.cat(parts, dim=1) for parts in zip(*self.pieces_hidden))
+        return {"hidden_states": hidden, "attentions": tuple(self.pieces_attentions) if self.attentions else None}
+
+
+# Keyword arguments of transformers' padding-free training (DataCollatorWithFlattening) that ARMT reads for document
+# boundaries; none of them reaches the backbone, whose positions and masks are ARMT's own.
+FLATTENING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def _document_starts(
+    position_ids: torch.Tensor | None, real: torch.Tensor | None, has_read: torch.Tensor, length: int, flattening: dict
+) -> torch.Tensor | None:
+    """(B, length) CPU bool: the real tokens where a row's next document starts (packed rows), or None if none does.
+    `has_read` (B,): the rows that have read a real token before this call.
+
+    From `position_ids`, read as transformers' masks read packed sequences: a real token whose position is not the
+    previous real token's + 1 starts a document (padded columns are skipped); a row's first real token in this call
+    starts one when its position is 0 and the row has read tokens before (a restart, as the collator makes them),
+    else it continues the row (generate's positions continue the cache's). From DataCollatorWithFlattening's
+    `cu_seq_lens_q` / `cu_seq_lens_k` (cumulative document lengths of one flattened row) or `seq_idx` (each token's
+    document): where they say, the first column as for positions. Sources given together must agree."""
+    batch_size = has_read.shape[0]
+    is_real = torch.ones(batch_size, length, dtype=torch.bool) if real is None else real
+    columns = torch.arange(length).expand(batch_size, -1)
+    latest = torch.where(is_real, columns, -1).cummax(1).values  # the latest real column at or before each
+    previous = torch.cat([torch.full((batch_size, 1), -1), latest[:, :-1]], dim=1)  # -1: none in this call
+    first = is_real & (previous < 0) & has_read.view(-1, 1)  # a row's first real token here, after earlier ones
+    found = {}
+    if position_ids is not None:
+        if position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch_size):
+            raise ValueError(f"position_ids must have shape (batch, length) = {(batch_size, length)} or (1, length), "
+                             f"got {tuple(position_ids.shape)}.")
+        positions = position_ids.expand(batch_size, -1).cpu()
+        jump = positions != positions.gather(1, previous.clamp(min=0)) + 1
+        found["position_ids"] = is_real & (((previous >= 0) & jump) | (first & (positions == 0)))
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if flattening.get(name) is not None:
+            bounds = flattening[name].cpu().long()
+            if batch_size != 1 or bounds.dim() != 1 or int(bounds[0]) != 0 or int(bounds[-1]) != length:
+                raise ValueError(f"{name} must hold the cumulative document lengths of one flattened row (0 ... "
+                                 f"{length}), as DataCollatorWithFlattening makes them; got {bounds.tolist()} for a "
+                                 f"batch of {batch_size}.")
+            starts = torch.zeros(1, length, dtype=torch.bool)
+            starts[0, bounds[:-1]] = True
+            found[name] = is_real & starts & ((previous >= 0) | first)
+    if flattening.get("seq_idx") is not None:
+        seq_idx = flattening["seq_idx"].cpu().expand(batch_size, -1)
+        changed = seq_idx != seq_idx.gather(1, previous.clamp(min=0))
+        found["seq_idx"] = is_real & (((previous >= 0) & changed) | first)
+    if not found:
+        return None
+    (name, starts), *others = found.items()
+    for other, other_starts in others:
+        if not torch.equal(other_starts, starts):
+            raise ValueError(f"{name} and {other} mark different document starts.")
+    return starts if bool(starts.any()) else None
 
 
 _SIGNATURE_FIELDS = "memory layers, d_key, d_model, segment_size, num_mem_tokens, use_denominator, memory_dtype"
@@ -796,6 +959,8 @@ class _MemoryStep:
     memory_positions: torch.Tensor | None  # (M, d_model) wrap_pos rows, else None
     new_A: list[torch.Tensor]
     new_z: list[torch.Tensor | None]
+    keep_first_input: bool = False  # hidden states asked for: keep the first decoder layer's input before its read
+    first_input: torch.Tensor | None = None
 
 
 _ACTIVE_STEP: contextvars.ContextVar[_MemoryStep | None] = contextvars.ContextVar("armt_active_step", default=None)
@@ -817,6 +982,8 @@ def _memory_read_hook(injector, idx, module, args, kwargs):
     if step is None or not step.read:
         return None
     read = step.memory_layers[idx].read
+    if step.keep_first_input and module is injector.decoder_layers[0]:
+        step.first_input = args[0] if args else kwargs["hidden_states"]
     if args:
         return (read(args[0], step.A[idx], step.z[idx]),) + tuple(args[1:]), kwargs
     kwargs["hidden_states"] = read(kwargs["hidden_states"], step.A[idx], step.z[idx])
@@ -890,14 +1057,17 @@ class ARMTMemoryInjector:
     def step(
         self, A: list[torch.Tensor], z: list[torch.Tensor | None], written: torch.Tensor, read: bool, num_memory: int,
         write_rows: torch.Tensor | None = None, memory_positions: torch.Tensor | None = None,
+        keep_first_input: bool = False,
     ):
         """Within this context the backbone reads (and, with `num_memory` memory tokens at the end of its input,
-        writes) the memory; yields the step, whose `new_A` / `new_z` hold the state after the call."""
+        writes) the memory; yields the step, whose `new_A` / `new_z` hold the state after the call (and with
+        `keep_first_input`, `first_input` the first decoder layer's input before its read, when it reads)."""
         # The hooks hold their injector and take only steps of its memory layers: a deep copy hooks its own layers.
         step = _MemoryStep(
             memory_layers=self.memory_layers,
             A=A, z=z, written=written, read=read, num_memory=num_memory, write_rows=write_rows,
             position_module=self.position_module, memory_positions=memory_positions, new_A=list(A), new_z=list(z),
+            keep_first_input=keep_first_input,
         )
         token = _ACTIVE_STEP.set(step)
         try:
@@ -1149,16 +1319,20 @@ class ARMTModel(ARMTPreTrainedModel):
             real = None if bool(real.all()) else real
         return cache, use_cache, real, batch_size, length
 
-    def _stream(self, input_ids, inputs_embeds, real, cache: ARMTCache, use_cache: bool, run) -> list:
-        """Read the input piece by piece (a piece ends where some row's segment fills); `run(start, end, embeds,
-        piece, A, z)` makes one backbone call and returns (output or None, A, z). Returns the outputs."""
+    def _stream(self, input_ids, inputs_embeds, real, cache: ARMTCache, use_cache: bool, run, starts=None) -> list:
+        """Read the input piece by piece (a piece ends where some row's segment fills, or before a row's next
+        document starts: `starts`, where that row's memory is reset); `run(start, end, embeds, piece, A, z)` makes one
+        backbone call and returns (output or None, A, z). Returns the outputs."""
         length = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
         device = self.memory_embeddings.weight.device
         outputs, start = [], 0
         while start < length:
-            end, write_rows = cache.next_piece(real, start, length)
+            if starts is not None and bool(starts[:, start].any()):
+                cache.reset_rows(starts[:, start])
+            end, write_rows = cache.next_piece(real, start, length, starts)
+            # a piece that ends before a document starts keeps its keys/values for the rows that go on
             piece = cache.begin_piece(end - start, None if real is None else real[:, start:end], write_rows,
-                                      use_cache, device)
+                                      use_cache or (starts is not None and end < length), device)
             # Embed piece by piece: a long input never has all its embeddings in memory at once.
             embeds = (
                 self.get_input_embeddings()(input_ids[:, start:end]) if inputs_embeds is None else inputs_embeds[:, start:end]
@@ -1171,18 +1345,22 @@ class ARMTModel(ARMTPreTrainedModel):
             start = end
         return outputs
 
-    def _backbone_call(self, embeds, piece: _Piece, A: list, z: list, keep: torch.Tensor | None, hidden: bool = False):
-        """One backbone call (checkpointed as a whole segment when training with checkpointing)."""
-        if self.gradient_checkpointing and self.training and piece.segment_cache is None and piece.write:
-            return self._checkpointed_segment(embeds, piece, A, z, keep, hidden)
-        return self._run_backbone(embeds, piece, A, z, keep, hidden)
+    def _backbone_call(
+        self, embeds, piece: _Piece, A: list, z: list, keep: torch.Tensor | None, hidden: bool = False,
+        outputs: "_Outputs | None" = None,
+    ):
+        """One backbone call (checkpointed when it writes memory and training runs with checkpointing)."""
+        if self.gradient_checkpointing and self.training and piece.write:
+            return self._checkpointed_segment(embeds, piece, A, z, keep, hidden, outputs)
+        return self._run_backbone(embeds, piece, A, z, keep, hidden, outputs)
 
     def _run_backbone(
-        self, embeds: torch.Tensor, piece: _Piece, A: list, z: list, keep: torch.Tensor | None, hidden: bool = False
+        self, embeds: torch.Tensor, piece: _Piece, A: list, z: list, keep: torch.Tensor | None, hidden: bool = False,
+        outputs: "_Outputs | None" = None,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor | None]]:
         """One backbone call over a piece of a segment (plus the memory tokens when `piece.write`), with memory read
         in every memory layer; returns the logits at the positions `keep` (with `hidden`: the final hidden states of
-        the piece's tokens) and the memory state after the call."""
+        the piece's tokens) and the memory state after the call. `outputs` collects hidden states / attentions."""
         num_memory = self.config.num_mem_tokens if piece.write else 0
         if piece.write:
             embeds = torch.cat([embeds, self.memory_embeddings(embeds.shape[0], embeds.dtype)], dim=1)
@@ -1191,30 +1369,64 @@ class ARMTModel(ARMTPreTrainedModel):
             memory_positions = self.memory_position_embeddings(1, embeds.dtype)[0]
         inputs = dict(inputs_embeds=embeds, attention_mask=piece.attention_mask, position_ids=piece.position_ids,
                       cache=piece.segment_cache, use_cache=piece.segment_cache is not None)
+        if outputs is not None:
+            inputs.update(output_hidden_states=outputs.hidden_states, output_attentions=outputs.attentions)
         with self.memory_injector.step(
-            A, z, piece.written, piece.read, num_memory, piece.write_rows, memory_positions
+            A, z, piece.written, piece.read, num_memory, piece.write_rows, memory_positions,
+            keep_first_input=outputs is not None and bool(outputs.hidden_states),
         ) as step:
             if hidden:
-                output = self.backbone.base_model(**inputs).last_hidden_state[:, : piece.num_tokens]
+                result = self.backbone.base_model(**inputs)
+                output = result.last_hidden_state[:, : piece.num_tokens]
             else:
                 empty = torch.empty(0, dtype=torch.long, device=embeds.device)
-                logits = self.backbone(**inputs, logits_to_keep=keep if keep is not None else empty).logits
-                output = logits if keep is not None else None
+                result = self.backbone(**inputs, logits_to_keep=keep if keep is not None else empty)
+                output = result.logits if keep is not None else None
+        if outputs is not None:
+            outputs.add(result, piece.num_tokens, step.first_input)
         return output, step.new_A, step.new_z
 
-    def _checkpointed_segment(self, embeds, piece, A, z, keep, hidden):
-        """A whole segment with its memory write under gradient checkpointing (the hooks run again on recompute)."""
+    def _checkpointed_segment(self, embeds, piece, A, z, keep, hidden, outputs):
+        """A piece that writes memory, under gradient checkpointing (the hooks run again on recompute). The segment's
+        cached keys/values (rows out of step through padding, or a segment continued from an earlier call) go in and
+        come out as tensors, so that the recomputation starts from the same ones."""
         num_layers = len(A)
+        segment = piece.segment_cache
+        past = segment.tensors() if segment is not None else []
+        recomputing = []
 
-        def run(embeds, *state):
+        def run(embeds, *tensors):
+            state, kv = tensors[: 2 * num_layers], list(tensors[2 * num_layers :])
+            cache = None
+            if segment is not None:
+                cache = ARMTSegmentCache(len(segment.layers), segment.layers[0].capacity).assign(kv)
+            # a recomputation asks the backbone for the same outputs but keeps none of them
+            collect = outputs if outputs is None or not recomputing else outputs.replay()
+            recomputing.append(True)
             output, new_A, new_z = self._run_backbone(
-                embeds, piece, list(state[:num_layers]), list(state[num_layers:]), keep, hidden
+                embeds, replace(piece, segment_cache=cache), list(state[:num_layers]), list(state[num_layers:]), keep,
+                hidden, collect,
             )
-            return (output, *new_A, *new_z)
+            return (output, *new_A, *new_z, *(cache.tensors() if cache is not None else []))
 
-        outputs = self._gradient_checkpointing_func(run, embeds, *A, *z, use_reentrant=False)
-        return outputs[0], list(outputs[1 : 1 + num_layers]), list(outputs[1 + num_layers :])
+        results = self._gradient_checkpointing_func(run, embeds, *A, *z, *past, use_reentrant=False)
+        if segment is not None:
+            segment.assign(list(results[1 + 2 * num_layers :]))
+        return results[0], list(results[1 : 1 + num_layers]), list(results[1 + num_layers : 1 + 2 * num_layers])
 
+    def _requested_outputs(self, output_hidden_states, output_attentions) -> _Outputs | None:
+        """What a forward collects besides its main output (the arguments, else the config's defaults)."""
+        hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if attentions and self.backbone.config._attn_implementation != "eager":
+            raise ValueError(
+                "output_attentions needs the backbone's eager attention (its "
+                f"{self.backbone.config._attn_implementation!r} attention computes no weights): load the model with "
+                "attn_implementation='eager' or call model.set_attn_implementation('eager')."
+            )
+        return _Outputs(hidden, bool(attentions)) if hidden or attentions else None
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1224,21 +1436,28 @@ class ARMTModel(ARMTPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         past_key_values: ARMTCache | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
         The backbone's final hidden states (after its final norm) at every input position, read in segments as in
-        [`ARMTForCausalLM.forward`], whose arguments these are.
+        [`ARMTForCausalLM.forward`], whose arguments (and `hidden_states` / `attentions`) these are.
         """
         cache, use_cache, real, batch_size, length = self._prepare(
             input_ids, inputs_embeds, attention_mask, cache, use_cache, past_key_values
         )
+        flattening = {name: kwargs.pop(name) for name in FLATTENING_KWARGS if name in kwargs}
+        starts = _document_starts(position_ids, real, cache.row_tokens > 0, length, flattening)
+        outputs = self._requested_outputs(output_hidden_states, output_attentions)
 
         def run(start, end, embeds, piece, A, z):
-            return self._backbone_call(embeds, piece, A, z, None, hidden=True)
+            return self._backbone_call(embeds, piece, A, z, None, hidden=True, outputs=outputs)
 
-        hidden = torch.cat(self._stream(input_ids, inputs_embeds, real, cache, use_cache, run), dim=1)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
+        hidden = torch.cat(self._stream(input_ids, inputs_embeds, real, cache, use_cache, run, starts), dim=1)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden, cache=cache if use_cache else None, **(outputs.fields() if outputs else {})
+        )
 
 
 def _decode_logits(backbone: PreTrainedModel, embeds: torch.Tensor, segment: Cache, position_ids: torch.Tensor):
@@ -1257,6 +1476,7 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
 
     _compiled_decode = None  # set by compile_decode()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1268,20 +1488,46 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: ARMTCache | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
         Reads `input_ids` (or `inputs_embeds`) of any length in segments, continuing the streams held in `cache`
-        (a new one when None). Positions are ARMT's own (restarting every segment), so `position_ids` is accepted for
-        `generate()` and ignored. `attention_mask` covers cached + new tokens, as in transformers; padded positions
+        (a new one when None). `attention_mask` covers cached + new tokens, as in transformers; padded positions
         do not count towards a row's segments. `logits_to_keep` bounds the logits built: an int (the last n
         positions, 0 for all), a 1D tensor of positions, or a (batch, length) bool mask of (row, position) pairs, for
         which the logits are (pairs, vocab) in the order of `mask.nonzero()`. With `labels`, returns the mean shifted
-        cross-entropy (-100 ignored).
+        cross-entropy (-100 ignored). `return_dict=False` (or `config.return_dict=False`) returns the tuple of the
+        output's fields that are set, in order: loss, logits, cache, hidden_states, attentions.
+
+        Positions are ARMT's own (restarting every segment): `position_ids` only mark packed rows. A real token whose
+        position is not the previous real token's + 1 starts a new document in its row (as DataCollatorWithFlattening
+        makes them, and as transformers' masks read them), and so does a call's first real token at position 0 in a
+        row that has read tokens: that row's memory and unfinished segment are dropped there, so each document reads
+        as it would alone, in any chunking. Padded columns are skipped, so `generate()`'s positions (consecutive over
+        the real tokens) change nothing. The collator's `cu_seq_lens_q/k` and `seq_idx` mark documents too (all
+        given must agree).
+
+        `output_hidden_states=True` (or indices, as transformers takes them) adds `hidden_states`: one entry per
+        backbone hidden state as the backbone counts them, each (batch, length, hidden) over this call's tokens (the
+        pieces' tokens concatenated, memory tokens left out). Entry 0 is the embeddings (with learned positions, where
+        the backbone adds them); entry l, 0 < l < L, is decoder layer l-1's output: that layer's memory read is inside
+        it, the read of layer l is not; entry L is the final hidden state after the backbone's final norm. Built only
+        when asked: on long inputs they grow with the input.
+        `output_attentions=True` (the backbone's eager attention only; other implementations compute no weights and
+        raise ValueError) adds `attentions`: one entry per backbone call (a piece of a segment: pieces end where some
+        row's segment fills, or at the input's end), each a tuple per backbone layer of (batch, heads, piece tokens,
+        key/value entries) weights: the queries are the piece's tokens (memory tokens' left out), the keys are the
+        current segment's cached entries, then the piece's tokens, then, when the piece ends a segment, the memory
+        tokens (which the piece's tokens do not see).
         """
         cache, use_cache, real, batch_size, length = self._prepare(
             input_ids, inputs_embeds, attention_mask, cache, use_cache, past_key_values
         )
+        flattening = {name: kwargs.pop(name) for name in FLATTENING_KWARGS if name in kwargs}
+        starts = _document_starts(position_ids, real, cache.row_tokens > 0, length, flattening)
+        outputs = self._requested_outputs(output_hidden_states, output_attentions)
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("`labels` need the logits of every position: leave `logits_to_keep` at 0.")
         if labels is None and isinstance(logits_to_keep, int) and logits_to_keep == 0 and (
@@ -1292,12 +1538,13 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
                 "logits_to_keep=1 (or the positions you need) to keep memory flat on long inputs."
             )
         device = self.memory_embeddings.weight.device
-        static = self._static_decode_cache(cache, real, length, labels, logits_to_keep)
+        static = None if outputs is not None else self._static_decode_cache(cache, real, length, labels, logits_to_keep)
         logits = None if static is None else self._static_decode(input_ids, inputs_embeds, cache, static)
         if logits is not None:
             pass
         elif isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 2:
-            logits = self._pair_logits(input_ids, inputs_embeds, real, cache, use_cache, logits_to_keep, length)
+            logits = self._pair_logits(input_ids, inputs_embeds, real, cache, use_cache, logits_to_keep, length,
+                                       starts, outputs)
         else:
             keep_mask = torch.zeros(length, dtype=torch.bool)
             if isinstance(logits_to_keep, int):
@@ -1307,15 +1554,18 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
 
             def run(start, end, embeds, piece, A, z):
                 positions = keep_mask[start:end].nonzero().squeeze(-1).to(device)
-                return self._backbone_call(embeds, piece, A, z, positions if positions.numel() else None)
+                return self._backbone_call(embeds, piece, A, z, positions if positions.numel() else None,
+                                           outputs=outputs)
 
-            pieces = self._stream(input_ids, inputs_embeds, real, cache, use_cache, run)
+            pieces = self._stream(input_ids, inputs_embeds, real, cache, use_cache, run, starts)
             vocab = self.get_output_embeddings().out_features
             logits = torch.cat(pieces, dim=1) if pieces else self.memory_embeddings.weight.new_zeros(batch_size, 0, vocab)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=cache if use_cache else None, **(outputs.fields() if outputs else {})
+        )
 
     def compile_decode(self, enable: bool = True, **compile_kwargs) -> "ARMTForCausalLM":
         """Compile the decode step (`torch.compile(..., fullgraph=True, **compile_kwargs)`): from now on every forward
@@ -1369,15 +1619,17 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, next_sequence_length: int | None = None,
                                       cache: Cache | None = None, attention_mask: torch.Tensor | None = None,
-                                      is_first_iteration: bool | None = False, **kwargs) -> dict:
-        """As transformers'; an assistant's later rounds (`is_first_iteration` False, the whole sequence passed again
-        and no attention mask to tell the new tokens by) read only the tokens its cache has not seen."""
+                                      inputs_embeds: torch.Tensor | None = None, is_first_iteration: bool | None = False,
+                                      **kwargs) -> dict:
+        """As transformers' (prompt `inputs_embeds` in the first step, ids after); an assistant's later rounds
+        (`is_first_iteration` False, the whole sequence passed again and no attention mask to tell the new tokens by)
+        read only the tokens its cache has not seen."""
         if (next_sequence_length is None and not is_first_iteration and attention_mask is None
                 and isinstance(cache, ARMTCache) and 0 < cache.seen_tokens < input_ids.shape[1]):
             next_sequence_length = input_ids.shape[1] - cache.seen_tokens
         return super().prepare_inputs_for_generation(
             input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
-            is_first_iteration=is_first_iteration, **kwargs,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
@@ -1394,6 +1646,13 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
                 "leave it unset or pass 'static' (the same cache)."
             )
         assisted = generation_mode == GenerationMode.ASSISTED_GENERATION or generation_config.is_assistant
+        if (generation_mode == GenerationMode.ASSISTED_GENERATION and generation_config.output_attentions
+                and generation_config.return_dict_in_generate):
+            raise ValueError(
+                "output_attentions with assisted decoding is not supported: ARMT's attentions come per backbone call "
+                "(a tuple per piece of a segment), which assisted decoding cannot split into its per-token steps. "
+                "Generate without an assistant or without output_attentions."
+            )
         wanted = assisted or implementation == "static"
         if model_kwargs.get("cache") is None and generation_config.use_cache is not False and wanted:
             model_kwargs["cache"] = self.new_cache(batch_size)
@@ -1404,7 +1663,8 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
         )
 
-    def _pair_logits(self, input_ids, inputs_embeds, real, cache, use_cache, pairs: torch.Tensor, length: int):
+    def _pair_logits(self, input_ids, inputs_embeds, real, cache, use_cache, pairs: torch.Tensor, length: int,
+                     starts=None, outputs=None):
         """Logits (pairs, vocab) of the (row, position) pairs that `pairs` (B, length) marks, in row-major order."""
         batch_size = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
         if tuple(pairs.shape) != (batch_size, length) or pairs.dtype != torch.bool:
@@ -1420,17 +1680,17 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
             selected = pairs[:, start:end]
             rows, cols = selected.nonzero(as_tuple=True)
             if not rows.numel():
-                return self._backbone_call(embeds, piece, A, z, None)
+                return self._backbone_call(embeds, piece, A, z, None, outputs=outputs)
             order.append(rows * length + start + cols)
             if plain:
-                hidden, A, z = self._backbone_call(embeds, piece, A, z, None, hidden=True)
+                hidden, A, z = self._backbone_call(embeds, piece, A, z, None, hidden=True, outputs=outputs)
                 return head(hidden[rows.to(device), cols.to(device)]), A, z
             columns = selected.any(0).nonzero().squeeze(-1)
-            logits, A, z = self._backbone_call(embeds, piece, A, z, columns.to(device))
+            logits, A, z = self._backbone_call(embeds, piece, A, z, columns.to(device), outputs=outputs)
             index = torch.searchsorted(columns, cols)
             return logits[rows.to(device), index.to(device)], A, z
 
-        pieces = self._stream(input_ids, inputs_embeds, real, cache, use_cache, run)
+        pieces = self._stream(input_ids, inputs_embeds, real, cache, use_cache, run, starts)
         if not pieces:
             return self.memory_embeddings.weight.new_zeros(0, head.out_features)
         return torch.cat(pieces)[torch.cat(order).argsort().to(device)]

@@ -767,3 +767,16 @@ def test_a_model_trained_on_raw_prompts_saves_a_chat_template_that_renders_the_j
     assert text == "Mary moved to the bathroom. Where is Mary? GEN bathroom<|endoftext|> Where is John? GEN"
     joined = BabilongTask("qa1", tokenizer, synthetic_haystack(tokenizer, 50), 48)._ask("Where is John? ", True)
     assert tokenizer(text)["input_ids"][-len(joined):] == joined  # what --joined-prompts trains on
+
+
+def test_init_from_an_armt_folder_without_code_copies_uses_this_repository_code(tmp_path):
+    first = run([*TINY_BABILONG, "--curriculum", "1", "--max-steps", "1", "--batch-size", "2", "--save-strategy", "no",
+                 "--output-dir", str(tmp_path / "first")])
+    for path in (tmp_path / "first").glob("*.py"):
+        path.unlink()
+    again = run([*TINY_BABILONG[:4], *TINY_BABILONG[6:], "--init-from", str(tmp_path / "first"), "--curriculum", "1",
+                 "--max-steps", "1", "--batch-size", "2", "--learning-rate", "0", "--save-strategy", "no",
+                 "--output-dir", str(tmp_path / "again")])
+    assert type(again.model) is modeling_armt.ARMTForCausalLM and again.train_dataset.task.segment_size == 48
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], value), name

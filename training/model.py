@@ -5,6 +5,7 @@ eval.pretrained), optionally with LoRA on the backbone's attention and the memor
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 try:  # Ctrl-C while torch loads: exit 130 without a traceback
@@ -72,17 +73,16 @@ def load_backbone(source: str | None, with_tokenizer: bool = True):
         except (OSError, ValueError, ImportError) as err:
             raise TrainError(f"--init-from {source!r}: cannot read the GGUF file ({err}).") from err
         return backbone, tokenizer
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=True)
-    except (OSError, ValueError) as err:
-        raise TrainError(f"--init-from {source!r}: cannot read its config ({err}).") from err
     backbone = None
-    if config.model_type != "armt":
-        backbone = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    if armt_config(source) is None:
+        try:
+            backbone = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            raise TrainError(f"--init-from {source!r}: cannot load a causal LM from it ({err}).") from err
     tokenizer = None
     if with_tokenizer:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+        try:  # an ARMT folder's own code copies, if any, are not needed (nor asked about) for its tokenizer
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         except (OSError, ValueError):  # a backbone folder without tokenizer files: --tokenizer's (default gpt2)
             tokenizer = None
     return backbone, tokenizer
@@ -102,16 +102,23 @@ def keep_first_layers(backbone, count: int) -> None:
         backbone.config.layer_types = backbone.config.layer_types[:count]
 
 
+def armt_config(source: str | None) -> ARMTConfig | None:
+    """The config of an ARMT folder (read by this repository's code: the folder needs no code copies), or None when
+    `source` is no ARMT folder."""
+    if not source or not (Path(source) / "config.json").is_file():
+        return None
+    try:
+        model_type = json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get("model_type")
+        return ARMTConfig.from_pretrained(source) if model_type == "armt" else None
+    except (OSError, ValueError) as err:
+        raise TrainError(f"--init-from {source!r}: cannot read its config ({err}).") from err
+
+
 def take_armt_settings(args: argparse.Namespace) -> None:
     """--init-from an ARMT folder: its segment size, memory tokens and d_mem stand in for the flags not given, so
     that the data is laid out in the model's own segments (given flags must agree: `build_model` checks)."""
-    if not args.init_from or args.init_from == SMOLLM2 or Path(args.init_from).suffix == ".gguf":
-        return
-    try:
-        config = AutoConfig.from_pretrained(args.init_from, trust_remote_code=True)
-    except (OSError, ValueError):
-        return  # not a folder we can read here: load_backbone names the problem
-    if config.model_type == "armt":
+    config = armt_config(args.init_from)
+    if config is not None:
         for name in ("segment_size", "num_mem_tokens", "d_mem"):
             if not getattr(args, f"{name}_given"):
                 setattr(args, name, getattr(config, name))
@@ -151,7 +158,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, eos_token_id: int, ba
             raise TrainError(str(err)) from err
         model.float()
     elif args.init_from:  # an ARMT folder
-        config = AutoConfig.from_pretrained(args.init_from, trust_remote_code=True)
+        config = armt_config(args.init_from)
         given = {k: v for k, v in armt.items() if getattr(args, f"{k}_given")}
         given.update({k: v for k, v in memory_options(args).items() if v not in (None, False)})
         clash = {k: v for k, v in given.items() if getattr(config, k) != v}

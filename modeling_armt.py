@@ -304,11 +304,71 @@ class ARMTCacheLayer:
             self.z = self.z.index_select(0, rows.to(self.z.device))
 
 
+# A row's fingerprint: two polynomial hashes of the real token ids it has read, h -> (h * base + id + 1) mod a prime
+# below 2^31 (so that every product stays exact in int64), and their number.
+FINGERPRINT_MODULUS = 2**31 - 1
+FINGERPRINT_BASES = (1_000_003, 999_999_937)
+
+
+_POWER_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _power_table(base: int, length: int, device: torch.device) -> torch.Tensor:
+    """base ** e mod FINGERPRINT_MODULUS for e < length (at least), made once per base and device."""
+    table = _POWER_TABLES.get((base, device))
+    if table is None or table.shape[0] < length:
+        size = 1 << max(length - 1, 1023).bit_length()
+        table = torch.ones(size, dtype=torch.long)
+        filled, step = 1, base  # step = base ** filled
+        while filled < size:
+            table[filled : 2 * filled] = table[:filled] * step % FINGERPRINT_MODULUS
+            filled, step = 2 * filled, step * step % FINGERPRINT_MODULUS
+        table = _POWER_TABLES[base, device] = table.to(device)
+    return table
+
+
+def fold_fingerprint(fingerprint: torch.Tensor, ids: torch.Tensor, real: torch.Tensor | None,
+                     chunk: int = 1 << 16) -> torch.Tensor:
+    """The (B, 3) fingerprints after reading `ids` (B, n) in order; only the columns that `real` (B, n) marks count
+    (None: all), so padding leaves a row's fingerprint as it is. `chunk` columns at a time: memory stays small."""
+    for start in range(0, ids.shape[1], chunk):
+        piece = None if real is None else real[:, start : start + chunk]
+        fingerprint = _fold(fingerprint, ids[:, start : start + chunk], piece)
+    return fingerprint
+
+
+def _fold(fingerprint: torch.Tensor, ids: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    ids = ids.to(fingerprint.device, torch.long)
+    if real is None:
+        rank = torch.arange(1, ids.shape[1] + 1, device=ids.device).expand_as(ids)
+        values = ids + 1
+    else:
+        real = real.to(ids.device, torch.bool)
+        rank = real.long().cumsum(1)
+        values = torch.where(real, ids + 1, 0)
+    count = rank[:, -1]
+    after = count.unsqueeze(1) - rank  # real tokens after each column
+    folded = []
+    for k, base in enumerate(FINGERPRINT_BASES):
+        powers = _power_table(base, ids.shape[1] + 1, ids.device)
+        # h * base^count + sum over real tokens of (id + 1) * base^(tokens after it)
+        terms = values * powers[after] % FINGERPRINT_MODULUS
+        head = fingerprint[:, k] * powers[count] % FINGERPRINT_MODULUS
+        folded.append((head + terms.sum(1)) % FINGERPRINT_MODULUS)
+    folded.append(fingerprint[:, -1] + count)
+    return torch.stack(folded, dim=1)
+
+
 class ARMTCache(Cache):
     """All recurrent state of a batch of ARMT streams: per memory layer A and z (float32 by default); the key/value cache of the
     current, unfinished segment (`segment_cache`, with `segment_mask` marking each row's valid entries once rows
     have drifted apart through padding); per row, how many real tokens it has read (`row_tokens`) and whether its
     memory holds anything (`memory_written`). Each row's segments start at its own first real token.
+
+    It also keeps what `generate()` needs to continue from it exactly: per row a fingerprint of the real token ids read
+    (`fingerprint()`: `fingerprint_base` folds the tokens before the current segment, `segment_ids` holds the ids of
+    the segment's key/value entries; `tokens_known` is False once it read `inputs_embeds`, whose ids it cannot know),
+    and `last_logits` (B, vocab), the logits of the last column read when that forward built them (else None).
 
     `get_seq_length()` is the number of columns (tokens, padding included) seen, as `generate()` expects.
     """
@@ -344,6 +404,10 @@ class ARMTCache(Cache):
         self._undo: list[_Undo] = []
         self._crop_floor = 0  # columns seen at the latest memory write or row reset: crop() goes no further back
         self._static_fill = torch.zeros((), dtype=torch.long, device=device)  # a compiled step's write position
+        self.fingerprint_base = torch.zeros(batch_size, len(FINGERPRINT_BASES) + 1, dtype=torch.long, device=device)
+        self.segment_ids: torch.Tensor | None = None  # (B, kv length): the ids of the segment's entries; None: none
+        self.tokens_known = True
+        self.last_logits: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -382,6 +446,59 @@ class ARMTCache(Cache):
                 f"This ARMTCache ({_SIGNATURE_FIELDS}) = {found} was made for another model config, which expects "
                 f"{expected}. Create the cache with model.new_cache(batch)."
             )
+        self._check_batch(batch_size)
+
+    def fingerprint(self) -> torch.Tensor:
+        """(B, 3) fingerprints of the real token ids each row has read: two hashes and their number (see
+        `fold_fingerprint`). A row's new document (`reset_rows`) does not restart it: it covers all columns read."""
+        if self.segment_ids is None:
+            return self.fingerprint_base
+        valid = None if self.segment_mask is None else self.segment_mask.bool()
+        return fold_fingerprint(self.fingerprint_base, self.segment_ids, valid)
+
+    def unread_columns(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
+        """How many trailing columns of a whole prompt (`input_ids` and its `attention_mask`, None: no padding) this
+        cache has not read. ValueError unless the prompt's first `seen_tokens` columns hold, row by row, exactly the
+        real tokens the cache has read: a shorter prompt or another text cannot be continued."""
+        self._check_batch(input_ids.shape[0])
+        seen, length = self.seen_tokens, input_ids.shape[1]
+        fix = ("Pass the whole prompt, starting with everything the cache has read (generate() reads only the rest), "
+               "or start from a fresh cache (model.new_cache(batch_size)).")
+        read = self.fingerprint()
+        if length < seen:
+            raise ValueError(f"The prompt has {length} columns but this cache has already read {seen} (real tokens "
+                             f"per row: {read[:, -1].tolist()}); a cache cannot forget tokens. {fix}")
+        if not self.tokens_known:
+            raise ValueError(
+                "This cache cannot check that the prompt starts with what it has read: it read inputs_embeds (or was "
+                "loaded from a file written before caches kept a fingerprint of their token ids). Pass only the "
+                f"tokens it has not read, with an attention_mask over its {seen} columns plus the new ones, or "
+                "prefill a fresh cache with input_ids."
+            )
+        real = None if attention_mask is None else attention_mask[:, :seen].bool()
+        prompt = fold_fingerprint(torch.zeros_like(read), input_ids[:, :seen], real)
+        differ = (prompt != read).any(1).cpu()
+        if bool(differ.any()):
+            raise ValueError(
+                f"The prompt's first {seen} columns are not the tokens this cache has read (rows "
+                f"{differ.nonzero().squeeze(1).tolist()} differ; real tokens read per row: {read[:, -1].tolist()}, "
+                f"in the prompt's first {seen} columns: {prompt[:, -1].tolist()}): the answer would continue another "
+                f"text. {fix}"
+            )
+        return length - seen
+
+    def kept_logits(self) -> torch.Tensor:
+        """`last_logits`, or ValueError when the cache kept none."""
+        if self.last_logits is None:
+            raise ValueError(
+                f"This cache has read every column of the prompt ({self.seen_tokens}) but kept no logits of its last "
+                "token (the forward that read it built none there: ARMTModel, a logits_to_keep without the last "
+                "position, or a cache file without them). Prefill all but the prompt's last token (generate() reads "
+                "it), or read the last one with ARMTForCausalLM and logits_to_keep=1."
+            )
+        return self.last_logits
+
+    def _check_batch(self, batch_size: int) -> None:
         if batch_size != self.batch_size:
             raise ValueError(
                 f"The cache holds {self.batch_size} rows but the input has {batch_size}; use one cache per batch "
@@ -402,6 +519,7 @@ class ARMTCache(Cache):
     def _drop_segment(self) -> None:
         self.segment_cache = self._new_segment_cache()
         self.segment_mask = None
+        self.segment_ids = None
 
     def _new_segment_cache(self) -> DynamicCache:
         """Keys/values of one segment: buffers of segment_size + num_mem_tokens entries per layer."""
@@ -420,6 +538,7 @@ class ARMTCache(Cache):
             for layer in self.segment_cache.layers:
                 layer.drop_front(dead)
             self.segment_mask = self.segment_mask[:, dead:]
+            self.segment_ids = self.segment_ids[:, dead:]
         fill = self.segment_fill
         if bool(self.segment_mask.all()) and bool((fill == self._segment_length()).all()):
             self.segment_mask = None  # the rows are back in step: the fast path applies again
@@ -437,12 +556,23 @@ class ARMTCache(Cache):
         self._static_fill.fill_(fill)
         return Cache(layers=views)
 
-    def end_static_step(self, num_tokens: int) -> None:
-        """Count `num_tokens` tokens that a compiled step wrote through `static_segment()`'s layers."""
+    def end_static_step(self, num_tokens: int, ids: torch.Tensor | None) -> None:
+        """Count `num_tokens` tokens (`ids`; None: read as embeddings) that a compiled step wrote through
+        `static_segment()`'s layers."""
         for layer in self.segment_cache.layers:
             layer.advance(num_tokens)
+        self._append_ids(ids, num_tokens)
         self.seen_tokens += num_tokens
         self.row_tokens += num_tokens
+        self.last_logits = None
+
+    def _append_ids(self, ids: torch.Tensor | None, num_tokens: int) -> None:
+        """Record the ids of `num_tokens` new key/value entries of the segment (None: unknown, read as embeddings)."""
+        if ids is None:
+            self.tokens_known = False
+            ids = self.fingerprint_base.new_zeros(self.batch_size, num_tokens)
+        ids = ids.to(self.fingerprint_base.device, torch.long)
+        self.segment_ids = ids if self.segment_ids is None else torch.cat([self.segment_ids, ids], dim=1)
 
     def reset(self) -> None:
         for layer in self.layers:
@@ -455,6 +585,9 @@ class ARMTCache(Cache):
         self._crop_floor = 0
         self._undo.clear()
         self._drop_segment()
+        self.fingerprint_base = torch.zeros_like(self.fingerprint_base)
+        self.tokens_known = True
+        self.last_logits = None
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Start a new stream in `rows` ((B,) bool): their memory and unfinished segment are dropped, the others
@@ -471,6 +604,8 @@ class ARMTCache(Cache):
             mask = self.segment_mask
             if mask is None:
                 mask = torch.ones(self.batch_size, self._segment_length(), dtype=torch.long, device=device)
+            folded = fold_fingerprint(self.fingerprint_base, self.segment_ids, mask.bool())  # the rows' entries dropped
+            self.fingerprint_base = torch.where(rows.to(folded.device).view(-1, 1), folded, self.fingerprint_base)
             self.segment_mask = mask * keep.to(mask.device).view(-1, 1)
             self._trim_segment()
         self._crop_floor = self.seen_tokens
@@ -483,6 +618,11 @@ class ARMTCache(Cache):
         self.segment_cache.batch_select_indices(rows)
         if self.segment_mask is not None:
             self.segment_mask = self.segment_mask.index_select(0, rows.to(self.segment_mask.device))
+        self.fingerprint_base = self.fingerprint_base.index_select(0, rows.to(self.fingerprint_base.device))
+        if self.segment_ids is not None:
+            self.segment_ids = self.segment_ids.index_select(0, rows.to(self.segment_ids.device))
+        if self.last_logits is not None:
+            self.last_logits = self.last_logits.index_select(0, rows.to(self.last_logits.device))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder every row of state (memory, segment keys/values, masks, counters) for beam search."""
@@ -495,8 +635,9 @@ class ARMTCache(Cache):
         self._index_rows(torch.arange(self.batch_size).repeat_interleave(repeats))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the whole state (memory, unfinished segment, counters) to a safetensors file, atomically (a temporary
-        file beside it, renamed at the end). A symlink or anything but a regular file at `path` is refused."""
+        """Write the whole state (memory, unfinished segment, counters, fingerprints, the last logits) to a safetensors
+        file, atomically (a temporary file beside it, renamed at the end). A symlink or anything but a regular file at
+        `path` is refused."""
         path = Path(path)
         if path.is_symlink() or (path.exists() and not path.is_file()):
             raise ValueError(f"{path} is a symlink or not a regular file; the cache is saved only to a regular file.")
@@ -510,9 +651,15 @@ class ARMTCache(Cache):
                 tensors[f"segment.{idx}.keys"], tensors[f"segment.{idx}.values"] = layer.keys, layer.values
         if self.segment_mask is not None:
             tensors["segment_mask"] = self.segment_mask
+        tensors["fingerprint"] = self.fingerprint_base
+        if self.segment_ids is not None:
+            tensors["segment_ids"] = self.segment_ids
+        if self.last_logits is not None:
+            tensors["last_logits"] = self.last_logits
         metadata = {
             "format": "armt-cache-v1",
             "seen_tokens": str(self.seen_tokens),
+            "tokens_known": json.dumps(self.tokens_known),
             "shape": json.dumps([len(self.layers), self.d_key, self.d_model, self.segment_size, self.num_mem_tokens]),
             "signature": json.dumps(self._signature()),
         }
@@ -528,7 +675,9 @@ class ARMTCache(Cache):
     @classmethod
     def load(cls, path: str | os.PathLike, config: ARMTConfig, device: torch.device | str | None = None) -> "ARMTCache":
         """Read a cache written by `save`. Everything is checked against `config` (names, shapes and dtypes before any
-        tensor is read; then finiteness and counters): ValueError naming the first problem."""
+        tensor is read; then finiteness and counters): ValueError naming the first problem. A file written before
+        caches kept fingerprints loads with `tokens_known` False: generate() then refuses a whole prompt (it cannot
+        check it) and takes only the unread tokens with an attention mask over all columns."""
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != "armt-cache-v1":
@@ -536,6 +685,7 @@ class ARMTCache(Cache):
             try:
                 num_layers, d_key, d_model, segment_size, num_mem_tokens = json.loads(metadata["shape"])
                 seen_tokens = int(metadata["seen_tokens"])
+                tokens_known = json.loads(metadata.get("tokens_known", "false")) is True
                 found = (
                     tuple(tuple(v) if isinstance(v, list) else v for v in json.loads(metadata["signature"]))
                     if "signature" in metadata  # else written before layers_with_memory / use_denominator / memory_dtype
@@ -567,6 +717,17 @@ class ARMTCache(Cache):
             cache.segment_mask = tensors["segment_mask"].to(device)
         # rows out of step: their latest write's column is not saved, so crop() keeps all that was loaded
         cache._crop_floor = seen_tokens - (0 if cache.segment_mask is not None else cache._segment_length())
+        if "fingerprint" in tensors:
+            cache.fingerprint_base = tensors["fingerprint"].to(device)
+            cache.tokens_known = tokens_known
+        else:  # written before fingerprints: what it read cannot be checked
+            cache.tokens_known = False
+        length = cache._segment_length()
+        if length:
+            cache.segment_ids = tensors.get("segment_ids", cache.fingerprint_base.new_zeros(cache.batch_size, length))
+            cache.segment_ids = cache.segment_ids.to(device)
+        if "last_logits" in tensors:
+            cache.last_logits = tensors["last_logits"].to(device)
         return cache
 
     # ------------------------------------------------------------------ what a forward asks of the cache, piece by piece
@@ -670,23 +831,30 @@ class ARMTCache(Cache):
             memory = positions[:, -1:] + 1 + torch.arange(self.num_mem_tokens, device=positions.device)
         return torch.cat([positions, memory], dim=1)
 
-    def end_piece(self, piece: "_Piece", A: list[torch.Tensor], z: list[torch.Tensor | None]) -> None:
-        """Take the memory state after `piece` and advance every row's counters by what it read."""
+    def end_piece(
+        self, piece: "_Piece", A: list[torch.Tensor], z: list[torch.Tensor | None], ids: torch.Tensor | None
+    ) -> None:
+        """Take the memory state after `piece` and advance every row's counters and fingerprint by what it read
+        (`ids`, the piece's columns; None: read as embeddings)."""
         before = self.memory_state()
         for layer, layer_A, layer_z in zip(self.layers, A, z):
             layer.A, layer.z = layer_A, layer_z
         self.seen_tokens += piece.num_tokens
         self.row_tokens += piece.num_tokens if piece.advance is None else piece.advance
+        self.last_logits = None  # the forward sets them once it has the logits of its last column
+        if piece.advance is not None or piece.write or piece.segment_cache is not None:
+            self._append_ids(ids, piece.num_tokens)  # as the segment's keys/values grow
         if piece.write and self.record_past:
             # the memory before the write, the segment's keys/values (+ the memory tokens') and the counters after the
             # piece; rows out of step keep using their segment cache, so theirs is copied
             segment = self.segment_cache if piece.advance is None else self.segment_cache.snapshot()
             self._undo.append(_Undo(*before, self.memory_written, segment, self.seen_tokens, self.row_tokens.clone(),
-                                    piece.kept_mask, self._crop_floor))
+                                    piece.kept_mask, self._crop_floor, self.fingerprint_base, self.segment_ids))
         if piece.write:
             self._crop_floor = self.seen_tokens
         if piece.advance is None:  # aligned
             if piece.write:
+                self.fingerprint_base = fold_fingerprint(self.fingerprint_base, self.segment_ids, None)
                 self.memory_written = torch.ones_like(self.memory_written)
                 self._drop_segment()
             return
@@ -694,6 +862,9 @@ class ARMTCache(Cache):
             self.segment_cache.crop(-self.num_mem_tokens)  # the memory tokens' keys/values belong to no segment
         self.segment_mask = piece.kept_mask
         if piece.write:
+            folded = fold_fingerprint(self.fingerprint_base, self.segment_ids, self.segment_mask.bool())
+            rows = piece.write_rows.to(folded.device).unsqueeze(1)
+            self.fingerprint_base = torch.where(rows, folded, self.fingerprint_base)
             self.segment_mask = self.segment_mask.clone()  # the undo record keeps the mask before the write
             self.segment_mask[piece.write_rows] = 0
             self.memory_written = self.memory_written | piece.write_rows
@@ -717,6 +888,8 @@ class ARMTCache(Cache):
         since the last crop (their memory writes are undone). Earlier ones are in the memory for good."""
         if max_length <= 0:
             max_length = self.seen_tokens + max_length
+        if max_length < self.seen_tokens:
+            self.last_logits = None  # of a token no longer read
         while self._undo and max_length < self._undo[-1].seen_tokens:
             self._undo_write(self._undo.pop())
         self._undo.clear()  # what is kept now is accepted: no later crop goes back past it
@@ -733,6 +906,8 @@ class ARMTCache(Cache):
         remove = self.seen_tokens - max_length
         if remove:
             self.segment_cache.crop(-remove)
+            length = self._segment_length()
+            self.segment_ids = self.segment_ids[:, :length] if length else None
             if self.segment_mask is None:
                 self.row_tokens -= remove
             else:
@@ -751,6 +926,7 @@ class ARMTCache(Cache):
         self.segment_cache.crop(-self.num_mem_tokens)  # the memory tokens' keys/values
         self.segment_mask = undo.segment_mask
         self.seen_tokens, self.row_tokens, self._crop_floor = undo.seen_tokens, undo.row_tokens, undo.crop_floor
+        self.fingerprint_base, self.segment_ids = undo.fingerprint, undo.segment_ids
         self._trim_segment()
 
 
@@ -786,6 +962,12 @@ def _check_cache_layout(path, config: ARMTConfig, slices: dict) -> None:
         raise ValueError(f"{path}: the segment's keys/values have different lengths per layer ({sorted(lengths)}).")
     if "segment_mask" in slices:
         expected["segment_mask"] = ((batch, next(iter(lengths), 0)), {"I64", "I32", "BOOL"})
+    if "fingerprint" in slices:  # absent from files written before fingerprints
+        expected["fingerprint"] = ((batch, len(FINGERPRINT_BASES) + 1), {"I64"})
+        if next(iter(lengths), 0):
+            expected["segment_ids"] = ((batch, next(iter(lengths))), {"I64"})
+    if "last_logits" in slices:
+        expected["last_logits"] = ((batch, config.vocab_size), {"F32", "BF16", "F16"})
     unexpected = sorted(set(slices) - set(expected))
     missing = sorted(set(expected) - set(slices))
     if unexpected or missing:
@@ -802,6 +984,10 @@ def _check_cache_values(path, config: ARMTConfig, tensors: dict, seen_tokens: in
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{path}: {key} holds NaN or infinite values.")
+    if "fingerprint" in tensors:
+        fingerprint = tensors["fingerprint"]
+        if bool(((fingerprint < 0) | (fingerprint[:, :-1] >= FINGERPRINT_MODULUS).any(1, keepdim=True)).any()):
+            raise ValueError(f"{path}: fingerprint hashes must lie in [0, {FINGERPRINT_MODULUS}), counts >= 0.")
     row_tokens, written = tensors["row_tokens"], tensors["memory_written"]
     if bool((row_tokens < 0).any()) or bool((row_tokens > seen_tokens).any()):
         raise ValueError(f"{path}: row_tokens {row_tokens.tolist()} must lie in [0, seen_tokens={seen_tokens}].")
@@ -817,7 +1003,8 @@ def _check_cache_values(path, config: ARMTConfig, tensors: dict, seen_tokens: in
 @dataclass
 class _Undo:
     """What takes back one memory write: memory before it, the segment's keys/values (with the memory tokens' at the
-    end), their mask (None: all valid) and the counters at the end of the piece that wrote."""
+    end), their mask (None: all valid), the counters at the end of the piece that wrote, and the fingerprint before
+    the write with the ids of the segment's entries."""
 
     A: list[torch.Tensor]
     z: list[torch.Tensor | None]
@@ -827,6 +1014,8 @@ class _Undo:
     row_tokens: torch.Tensor
     segment_mask: torch.Tensor | None
     crop_floor: int
+    fingerprint: torch.Tensor
+    segment_ids: torch.Tensor
 
 
 @dataclass
@@ -1283,9 +1472,11 @@ class ARMTModel(ARMTPreTrainedModel):
                     f"[{int(low)}, {int(high)}]."
                 )
         if attention_mask is not None and tuple(attention_mask.shape) != (shape[0], past_length + shape[1]):
+            hint = (f" The input holds only tokens the cache has not read (it has read {past_length} columns); "
+                    "generate() is what takes a whole prompt and reads only the rest." if past_length else "")
             raise ValueError(
                 f"attention_mask must have shape (batch, cached + new tokens) = {(shape[0], past_length + shape[1])}, "
-                f"got {tuple(attention_mask.shape)}."
+                f"got {tuple(attention_mask.shape)}.{hint}"
             )
 
     def _prepare(self, input_ids, inputs_embeds, attention_mask, cache, use_cache, past_key_values):
@@ -1339,7 +1530,7 @@ class ARMTModel(ARMTPreTrainedModel):
             )
             A, z = cache.memory_state()
             output, A, z = run(start, end, embeds, piece, A, z)
-            cache.end_piece(piece, A, z)
+            cache.end_piece(piece, A, z, None if input_ids is None else input_ids[:, start:end])
             if output is not None:
                 outputs.append(output)
             start = end
@@ -1521,13 +1712,24 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
         key/value entries) weights: the queries are the piece's tokens (memory tokens' left out), the keys are the
         current segment's cached entries, then the piece's tokens, then, when the piece ends a segment, the memory
         tokens (which the piece's tokens do not see).
+
+        The input is what the cache has not read: its tokens are read as new ones (`generate()` is what takes a whole
+        prompt and reads only the rest). The cache keeps the logits of the last column read (when this forward builds
+        them), so an int `logits_to_keep` of n + 1 on n new tokens also returns the logits of the token read before
+        them, and an input of no tokens returns those logits alone (what generate() needs when the cache has read its
+        whole prompt).
         """
+        given = cache if cache is not None else past_key_values
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if isinstance(given, ARMTCache) and tokens is not None and tokens.dim() >= 2 and tokens.shape[1] == 0:
+            return self._kept_logits_output(given, tokens.shape[0], attention_mask, labels, logits_to_keep)
         cache, use_cache, real, batch_size, length = self._prepare(
             input_ids, inputs_embeds, attention_mask, cache, use_cache, past_key_values
         )
         flattening = {name: kwargs.pop(name) for name in FLATTENING_KWARGS if name in kwargs}
         starts = _document_starts(position_ids, real, cache.row_tokens > 0, length, flattening)
         outputs = self._requested_outputs(output_hidden_states, output_attentions)
+        kept = cache.last_logits
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("`labels` need the logits of every position: leave `logits_to_keep` at 0.")
         if labels is None and isinstance(logits_to_keep, int) and logits_to_keep == 0 and (
@@ -1540,11 +1742,13 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
         device = self.memory_embeddings.weight.device
         static = None if outputs is not None else self._static_decode_cache(cache, real, length, labels, logits_to_keep)
         logits = None if static is None else self._static_decode(input_ids, inputs_embeds, cache, static)
+        last_column = True  # the logits end with every row's last column
         if logits is not None:
             pass
         elif isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 2:
             logits = self._pair_logits(input_ids, inputs_embeds, real, cache, use_cache, logits_to_keep, length,
                                        starts, outputs)
+            last_column = False
         else:
             keep_mask = torch.zeros(length, dtype=torch.bool)
             if isinstance(logits_to_keep, int):
@@ -1560,12 +1764,36 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
             pieces = self._stream(input_ids, inputs_embeds, real, cache, use_cache, run, starts)
             vocab = self.get_output_embeddings().out_features
             logits = torch.cat(pieces, dim=1) if pieces else self.memory_embeddings.weight.new_zeros(batch_size, 0, vocab)
+            if isinstance(logits_to_keep, int) and logits_to_keep > length and kept is not None:
+                logits = torch.cat([kept.unsqueeze(1).to(logits.dtype), logits], dim=1)
+            last_column = bool(keep_mask[-1])
+        if use_cache and last_column:
+            cache.last_logits = logits[:, -1].detach().clone()  # a copy: the caller may change its logits in place
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=cache if use_cache else None, **(outputs.fields() if outputs else {})
         )
+
+    def _kept_logits_output(self, cache: ARMTCache, batch_size: int, attention_mask, labels,
+                            logits_to_keep) -> CausalLMOutputWithPast:
+        """A forward of no new tokens: the logits the cache kept of the last token it read (none for
+        logits_to_keep=0)."""
+        cache.check_compatible(self.config, batch_size)
+        if labels is not None or not isinstance(logits_to_keep, int):
+            raise ValueError("A forward of no new tokens returns the logits the cache kept of the last token it read: "
+                             "it takes no labels, and logits_to_keep must be an int.")
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, cache.seen_tokens):
+            expected = (batch_size, cache.seen_tokens)
+            raise ValueError(f"attention_mask must have shape (batch, cached tokens) = {expected}, got "
+                             f"{tuple(attention_mask.shape)}.")
+        if logits_to_keep == 0:
+            vocab = self.get_output_embeddings().out_features
+            logits = self.memory_embeddings.weight.new_zeros(batch_size, 0, vocab)
+        else:
+            logits = cache.kept_logits().unsqueeze(1).clone()
+        return CausalLMOutputWithPast(logits=logits, cache=cache)
 
     def compile_decode(self, enable: bool = True, **compile_kwargs) -> "ARMTForCausalLM":
         """Compile the decode step (`torch.compile(..., fullgraph=True, **compile_kwargs)`): from now on every forward
@@ -1614,23 +1842,45 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
                            f"{str(error).splitlines()[0]}).")
             self._compiled_decode = None
             return None
-        cache.end_static_step(1)
+        cache.end_static_step(1, input_ids)
         return logits
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, next_sequence_length: int | None = None,
                                       cache: Cache | None = None, attention_mask: torch.Tensor | None = None,
                                       inputs_embeds: torch.Tensor | None = None, is_first_iteration: bool | None = False,
                                       **kwargs) -> dict:
-        """As transformers' (prompt `inputs_embeds` in the first step, ids after); an assistant's later rounds
-        (`is_first_iteration` False, the whole sequence passed again and no attention mask to tell the new tokens by)
-        read only the tokens its cache has not seen."""
-        if (next_sequence_length is None and not is_first_iteration and attention_mask is None
-                and isinstance(cache, ARMTCache) and 0 < cache.seen_tokens < input_ids.shape[1]):
-            next_sequence_length = input_ids.shape[1] - cache.seen_tokens
-        return super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+        """As transformers' (prompt `inputs_embeds` in the first step, ids after), except where the input is a whole
+        prompt of which the ARMTCache has read a part: the forward then reads only the rest, after the cache has
+        checked that the part is what it read (ValueError for a shorter prompt or another text, see
+        `ARMTCache.unread_columns`); when it has read all of it, the forward reads nothing and returns the logits the
+        cache kept of its last token. Prompt embeddings cannot be checked: a cache that has read tokens refuses them.
+
+        A whole prompt is generate()'s first forward when transformers counts the prompt whole (its attention mask as
+        long as the ids; with a longer mask the ids are only new tokens, read as they are), the first forward of
+        assisted decoding (which records the past on its cache) and an assistant's later rounds (the whole sequence
+        passed again without a length to read)."""
+        if isinstance(cache, ARMTCache) and cache.seen_tokens:
+            if is_first_iteration and inputs_embeds is not None:
+                raise ValueError(
+                    "generate(inputs_embeds=...) cannot continue a cache that has read tokens: it cannot check that the "
+                    "embeddings start with what the cache read. Pass input_ids, or a fresh cache."
+                )
+            whole = attention_mask is None or attention_mask.shape[1] == input_ids.shape[1]
+            if is_first_iteration:
+                whole = whole and (next_sequence_length is not None or cache.record_past)
+            else:
+                whole = whole and next_sequence_length is None
+            if whole:
+                next_sequence_length = cache.unread_columns(input_ids, attention_mask)
+                if next_sequence_length == 0:
+                    cache.kept_logits()  # or ValueError, before anything runs
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length or None, cache=cache, attention_mask=attention_mask,
             inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
         )
+        if next_sequence_length == 0:
+            model_inputs["input_ids"] = input_ids[:, :0]
+        return model_inputs
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
@@ -1645,6 +1895,10 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
                 f"buffers allocated once per segment); cache_implementation={implementation!r} is not supported: "
                 "leave it unset or pass 'static' (the same cache)."
             )
+        if generation_config.prefill_chunk_size is not None:
+            logger.warning_once("ARMT ignores prefill_chunk_size: its forward reads any prompt segment by segment, "
+                                "with memory flat in the prompt's length.")
+            generation_config.prefill_chunk_size = None
         assisted = generation_mode == GenerationMode.ASSISTED_GENERATION or generation_config.is_assistant
         if (generation_mode == GenerationMode.ASSISTED_GENERATION and generation_config.output_attentions
                 and generation_config.return_dict_in_generate):

@@ -236,6 +236,9 @@ def _rewrite(path, change):
         (lambda t, m: t["row_tokens"].__setitem__(0, 3), "memory_written disagrees"),
         (lambda t, m: m.update(seen_tokens="2"), "seen_tokens=2"),
         (lambda t, m: t.update({"segment.0.keys": t["segment.0.keys"][:, :, :2].contiguous()}), "different lengths"),
+        (lambda t, m: t["fingerprint"].__setitem__((0, 1), 2**31), "fingerprint hashes must lie in"),
+        (lambda t, m: t.pop("segment_ids"), "missing"),
+        (lambda t, m: t.update(last_logits=t["last_logits"][:, :5].contiguous()), "last_logits is F32 (2, 5)"),
     ],
 )
 def test_load_refuses_a_corrupted_cache_file_naming_the_problem(tmp_path, change, phrase):

@@ -932,7 +932,7 @@ def model_card(
     if isinstance(backbone_name, str):  # a Hub id as is; of a local path only its name (no local paths in a card)
         backbone_note = f", backbone `{Path(backbone_name).name if Path(backbone_name).exists() else backbone_name}`"
     tokenizer_line = (
-        "tokenizer = AutoTokenizer.from_pretrained(path)\n"
+        "tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # it reads config.json\n"
         if has_tokenizer
         else "tokenizer = AutoTokenizer.from_pretrained(\"<the backbone's tokenizer>\")  # none was bundled\n"
     )

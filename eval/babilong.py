@@ -90,10 +90,12 @@ def save_result(output: Path, record: dict) -> list[dict]:
 
 
 UNIT = "accuracy, % (exact match by BABILong's compare_answers)"
+CHANCE = {task: 1 / 6 for task in ("qa1", "qa2", "qa3", "qa4")}  # the answer is one of bAbI's 6 places
 
 
 def format_table(results: list[dict]) -> str:
-    """Accuracy (%) as a tasks x lengths table; every cell says its number of samples."""
+    """Accuracy (%) as a tasks x lengths table; every cell says its number of samples; below it, the chance level of
+    the tasks whose answer is one of bAbI's places."""
     from tabulate import tabulate
 
     tasks = sorted({r["task"] for r in results}, key=lambda t: int(t[2:]) if t[2:].isdigit() else 0)
@@ -101,7 +103,9 @@ def format_table(results: list[dict]) -> str:
     cell = {(r["task"], r["length"]): r for r in results}
     rows = [[task] + [f"{100 * r['accuracy']:.1f} (n={r['n']})" if (r := cell.get((task, length))) else "-"
                       for length in lengths] for task in tasks]
-    return f"{UNIT}, n samples per cell\n" + tabulate(rows, headers=["task", *lengths], stralign="right")
+    chance = ", ".join(f"{task} {100 * CHANCE[task]:.1f}" for task in tasks if task in CHANCE)
+    footer = f"\nchance (guessing one of bAbI's 6 places): {chance}" if chance else ""
+    return f"{UNIT}, n samples per cell\n" + tabulate(rows, headers=["task", *lengths], stralign="right") + footer
 
 
 def plot_heatmap(results: list[dict], path: Path, title: str = "") -> Path:

@@ -8,6 +8,8 @@ shipped model answers: if a change to the model code or the weights breaks them,
 
 import configparser
 import json
+import subprocess
+import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,7 +66,7 @@ def test_the_default_model_loads_as_remote_code_and_answers_fixed_qa1_samples_at
     torch.set_num_threads(1)
     try:
         model = AutoModelForCausalLM.from_pretrained(DEFAULT, trust_remote_code=True, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(DEFAULT)
+        tokenizer = AutoTokenizer.from_pretrained(DEFAULT, trust_remote_code=True)
         assert model.config.model_type == "armt" and type(model).__name__ == "ARMTForCausalLM"
         records = json.loads(SAMPLES.read_text())
         assert {r["length"] for r in records} == {"0k", "16k"} and len(records) >= 6
@@ -77,3 +79,16 @@ def test_the_default_model_loads_as_remote_code_and_answers_fixed_qa1_samples_at
     answers = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
     assert [score("qa1", r["target"], a, r["question"]) for r, a in zip(records, answers)] == [True] * len(records), (
         list(zip([r["target"] for r in records], answers)))
+
+
+def test_the_model_cards_example_runs_without_asking_anything_and_answers():
+    """Its AutoTokenizer line read the ARMT config.json without trust_remote_code, which asked "Do you wish to run the
+    custom code? [y/N]"; with stdin closed it must not ask."""
+    card = (DEFAULT / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("\n```", 1)[0]
+    code += "\nprint(repr(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)))\n"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[y/N]" not in result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == "' bathroom'"

@@ -300,7 +300,7 @@ def test_a_ragged_batch_answers_as_each_row_alone_with_one_backbone_call_per_seg
     assert len(calls) <= 10 + 2 + 3
 
 
-def test_results_table_names_its_unit_and_n_per_cell():
+def test_results_table_names_its_unit_n_per_cell_and_chance():
     table = babilong.format_table([
         {"task": "qa1", "length": "0k", "accuracy": 0.5, "n": 4},
         {"task": "qa1", "length": "1M", "accuracy": 0.2, "n": 5},
@@ -308,4 +308,5 @@ def test_results_table_names_its_unit_and_n_per_cell():
     ])
     assert table.splitlines()[0].startswith("accuracy, % (exact match")
     assert "50.0 (n=4)" in table and "20.0 (n=5)" in table and "100.0 (n=4)" in table
-    assert table.splitlines()[-1].split()[-1] == "-"  # qa2 at 1M was not run
+    assert table.splitlines()[-2].split()[-1] == "-"  # qa2 at 1M was not run
+    assert table.splitlines()[-1] == "chance (guessing one of bAbI's 6 places): qa1 16.7, qa2 16.7"

@@ -190,4 +190,5 @@ def test_help_answers_quickly_without_loading_torch():
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", HELP_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "--model_args" in done.stdout and done.stdout.strip().endswith("torch loaded: False")
+    assert "--model armt" in done.stdout and "babilong_qa1_4k" in done.stdout  # what this entry point adds
     assert time.monotonic() - start < 10

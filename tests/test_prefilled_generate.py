@@ -133,6 +133,37 @@ def test_compiled_decode_after_a_prefill_equals_eager_plain_generate(length, rea
     assert torch.equal(generate(model, ids, cache_implementation="static"), expected)
 
 
+@pytest.mark.parametrize("read", [16, 12])
+def test_hidden_states_after_a_prefill_are_those_of_plain_generate_over_what_it_reads(read):
+    """The first step reads only what the cache has not read (nothing when read=16: each entry then holds no tokens);
+    later steps equal plain generate's."""
+    model = tiny_armt("llama")
+    ids = random_ids(1, 16)
+    kwargs = dict(max_new_tokens=5, output_hidden_states=True, return_dict_in_generate=True)
+    expected = generate(model, ids, **kwargs)
+    got = generate(model, ids, cache=prefill(model, ids, read), **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert len(got.hidden_states) == len(expected.hidden_states)
+    for layer, plain in zip(got.hidden_states[0], expected.hidden_states[0], strict=True):
+        torch.testing.assert_close(layer, plain[:, read:], atol=1e-5, rtol=0)
+    for step, plain in zip(got.hidden_states[1:], expected.hidden_states[1:]):
+        for layer, plain_layer in zip(step, plain, strict=True):
+            torch.testing.assert_close(layer, plain_layer, atol=1e-5, rtol=0)
+
+
+def test_a_forward_of_no_tokens_gives_empty_hidden_states_as_selected_and_no_attentions():
+    model = tiny_armt("llama")
+    model.set_attn_implementation("eager")
+    ids = random_ids(2, 9)
+    cache = prefill(model, ids, 9)
+    with torch.no_grad():
+        full = model(ids, output_hidden_states=True).hidden_states
+        out = model(ids[:, :0], cache=cache, logits_to_keep=1, output_hidden_states=[0, -1], output_attentions=True)
+    assert [None if h is None else tuple(h.shape) for h in out.hidden_states] == (
+        [(2, 0, full[0].shape[-1])] + [None] * (len(full) - 2) + [(2, 0, full[0].shape[-1])])
+    assert out.attentions == ()
+
+
 def test_a_second_generate_continues_the_first_ones_cache():
     model = tiny_armt("llama")
     ids = random_ids(1, 13)

@@ -1067,6 +1067,21 @@ class _Outputs:
             hidden = tuple(None if parts[0] is None else torch.cat(parts, dim=1) for parts in zip(*self.pieces_hidden))
         return {"hidden_states": hidden, "attentions": tuple(self.pieces_attentions) if self.attentions else None}
 
+    def fields_of_no_tokens(self, batch_size: int, num_hidden_states: int, like: torch.Tensor) -> dict:
+        """`fields()` of a forward that reads no tokens (no backbone call): each asked hidden state (batch, 0, hidden)
+        in `like`'s dtype and device, the others None; no attentions."""
+        hidden = None
+        if self.hidden_states:
+            asked = self.hidden_states
+            if isinstance(asked, bool):
+                indices = range(num_hidden_states)
+            else:
+                indices = [asked] if isinstance(asked, int) else asked
+            selected = {i % num_hidden_states for i in indices if -num_hidden_states <= i < num_hidden_states}
+            empty = like.new_zeros(batch_size, 0, like.shape[-1])
+            hidden = tuple(empty if i in selected else None for i in range(num_hidden_states))
+        return {"hidden_states": hidden, "attentions": () if self.attentions else None}
+
 
 # Keyword arguments of transformers' padding-free training (DataCollatorWithFlattening) that ARMT reads for document
 # boundaries; none of them reaches the backbone, whose positions and masks are ARMT's own.
@@ -1722,7 +1737,8 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
         given = cache if cache is not None else past_key_values
         tokens = input_ids if input_ids is not None else inputs_embeds
         if isinstance(given, ARMTCache) and tokens is not None and tokens.dim() >= 2 and tokens.shape[1] == 0:
-            return self._kept_logits_output(given, tokens.shape[0], attention_mask, labels, logits_to_keep)
+            return self._kept_logits_output(given, tokens.shape[0], attention_mask, labels, logits_to_keep,
+                                            self._requested_outputs(output_hidden_states, output_attentions))
         cache, use_cache, real, batch_size, length = self._prepare(
             input_ids, inputs_embeds, attention_mask, cache, use_cache, past_key_values
         )
@@ -1776,10 +1792,10 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
             loss=loss, logits=logits, cache=cache if use_cache else None, **(outputs.fields() if outputs else {})
         )
 
-    def _kept_logits_output(self, cache: ARMTCache, batch_size: int, attention_mask, labels,
-                            logits_to_keep) -> CausalLMOutputWithPast:
+    def _kept_logits_output(self, cache: ARMTCache, batch_size: int, attention_mask, labels, logits_to_keep,
+                            outputs: _Outputs | None) -> CausalLMOutputWithPast:
         """A forward of no new tokens: the logits the cache kept of the last token it read (none for
-        logits_to_keep=0)."""
+        logits_to_keep=0); asked hidden states hold no tokens."""
         cache.check_compatible(self.config, batch_size)
         if labels is not None or not isinstance(logits_to_keep, int):
             raise ValueError("A forward of no new tokens returns the logits the cache kept of the last token it read: "
@@ -1793,7 +1809,10 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
             logits = self.memory_embeddings.weight.new_zeros(batch_size, 0, vocab)
         else:
             logits = cache.kept_logits().unsqueeze(1).clone()
-        return CausalLMOutputWithPast(logits=logits, cache=cache)
+        fields = {} if outputs is None else outputs.fields_of_no_tokens(
+            batch_size, self.config.num_hidden_layers + 1, self.get_input_embeddings().weight
+        )
+        return CausalLMOutputWithPast(logits=logits, cache=cache, **fields)
 
     def compile_decode(self, enable: bool = True, **compile_kwargs) -> "ARMTForCausalLM":
         """Compile the decode step (`torch.compile(..., fullgraph=True, **compile_kwargs)`): from now on every forward

@@ -105,6 +105,19 @@ def test_assisted_decoding_after_a_prefill_equals_plain_greedy(length, read):
     assert torch.equal(generate(model, ids, cache=prefill(model, ids, read), assistant_model=assistant), expected)
 
 
+@pytest.mark.parametrize("read", [20, 19, 18, 11, 3])
+def test_assisted_decoding_after_a_left_padded_prefill_equals_plain_greedy(read):
+    """Three left pads, then 17 real tokens, whose segments start at the first real one: the cache has read 17 (all,
+    just after a boundary), 16 (at one), 15 (just before), 8 real tokens, or only the padding."""
+    model, assistant = tiny_armt("llama", seed=0), tiny_armt("llama", seed=1)
+    ids = torch.cat([torch.zeros(1, 3, dtype=torch.long), repetitive_ids(17)], dim=1)
+    mask = (ids != 0).long()
+    expected = generate(model, ids, attention_mask=mask)
+    for drafts in (dict(prompt_lookup_num_tokens=4), dict(assistant_model=assistant)):
+        cache = prefill(model, ids, read, mask=mask)
+        assert torch.equal(generate(model, ids, attention_mask=mask, cache=cache, **drafts), expected)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("read", [19, 18, 16, 15, 17])
 def test_a_left_padded_batch_after_a_prefill_equals_plain_generate(family, read):

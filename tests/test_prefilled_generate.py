@@ -41,9 +41,11 @@ def prefill(model, ids, read, mask=None, chunk=SEGMENT):
 
 
 def generate(model, ids, seed=None, **kwargs):
+    """No end of sequence: every comparison runs over all the new tokens (a tiny model may emit its EOS id at once)."""
     if seed is not None:
         torch.manual_seed(seed)
-    return model.generate(ids, pad_token_id=0, **{"max_new_tokens": 20, "do_sample": False, **kwargs})
+    return model.generate(ids, pad_token_id=0, eos_token_id=None,
+                          **{"max_new_tokens": 20, "do_sample": False, **kwargs})
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -64,6 +64,18 @@ class ARMTConfig(PreTrainedConfig):
         memory_dtype (`str`, defaults to `"float32"`):
             dtype of A and z and of the memory arithmetic (`"float32"`, `"bfloat16"` or `"float16"`), whatever the
             backbone's dtype.
+        memory_weights_dtype (`str`, *optional*):
+            `"float32"`: the memory parameters (memory and sink embeddings, W_q/W_k/W_v/W_b) stay in float32 when
+            the model is loaded in a lower precision, and the memory projections run in float32 (the authors'
+            `memory_dtype` beside a bfloat16 backbone). `None`: they take the model's dtype.
+        previous_segment_window (`bool`, defaults to `False`):
+            The sliding window of the authors' `armt_sw`: every layer also attends to the keys/values of the
+            previous segment's `segment_size` real tokens (kept in the cache, with the rotation of their own
+            segment's positions). Real token i of a segment sees those at index j >= i (a rolling window of one
+            segment), memory tokens see all of them, the sink none. Needs 'eager' or 'sdpa' attention.
+        use_sink (`bool`, defaults to `False`):
+            One learned vector (the sink) stands before every segment at position 0; the segment's tokens take
+            positions 1..n and attend to it. Only with `previous_segment_window`.
     """
 
     model_type = "armt"
@@ -82,6 +94,9 @@ class ARMTConfig(PreTrainedConfig):
     use_denominator: bool = True
     layers_with_memory: list[int] | None = None
     memory_dtype: str = "float32"
+    memory_weights_dtype: str | None = None
+    previous_segment_window: bool = False
+    use_sink: bool = False
 
     def __post_init__(self, **kwargs):
         if self.base_config is None or isinstance(self.base_config, str):
@@ -100,7 +115,8 @@ class ARMTConfig(PreTrainedConfig):
                 raise ValueError(f"ARMTConfig.{name} must be an integer >= 1, got {value!r}.")
         if self.dpfp_nu >= 2 * self.d_mem:
             raise ValueError(f"ARMTConfig.dpfp_nu must be < 2 * d_mem = {2 * self.d_mem}, got {self.dpfp_nu}.")
-        for name in ("correction", "wrap_pos", "normalize_features", "use_denominator"):
+        for name in ("correction", "wrap_pos", "normalize_features", "use_denominator", "previous_segment_window",
+                     "use_sink"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ARMTConfig.{name} must be true or false, got {getattr(self, name)!r}.")
         if not (_is_number(self.memory_eps) and 0 < self.memory_eps < math.inf):
@@ -113,6 +129,16 @@ class ARMTConfig(PreTrainedConfig):
             raise ValueError(
                 f"ARMTConfig.memory_dtype must be one of {', '.join(MEMORY_DTYPES)}, got {self.memory_dtype!r}."
             )
+        if self.memory_weights_dtype not in (None, "float32"):
+            raise ValueError(
+                f"ARMTConfig.memory_weights_dtype must be None (the model's dtype) or 'float32', got "
+                f"{self.memory_weights_dtype!r}."
+            )
+        if self.use_sink and not self.previous_segment_window:
+            raise ValueError("ARMTConfig.use_sink needs previous_segment_window=True (the authors' armt_sw).")
+        if self.wrap_pos and self.previous_segment_window:
+            raise ValueError("ARMTConfig.wrap_pos with previous_segment_window is not implemented; set one of them "
+                             "to False.")
         base = self.base_config
         if base.model_type == "armt":
             raise ValueError("ARMTConfig.base_config must be a backbone config, not another ARMT config.")
@@ -149,13 +175,31 @@ class ARMTConfig(PreTrainedConfig):
             )
         if table_field is not None:
             table_size = getattr(base, table_field)
-            needed = self.segment_size + (0 if self.wrap_pos else self.num_mem_tokens)
+            needed = self.segment_size + (0 if self.wrap_pos else self.num_mem_tokens) + self.num_sink
             if needed > table_size:
                 raise ValueError(
-                    f"ARMTConfig.segment_size{'' if self.wrap_pos else ' + num_mem_tokens'} = {needed} exceeds the "
-                    f"backbone's position table ({table_field}={table_size}); allowed: segment_size <= "
-                    f"{table_size - (0 if self.wrap_pos else self.num_mem_tokens)}."
+                    f"ARMTConfig.segment_size{'' if self.wrap_pos else ' + num_mem_tokens'}"
+                    f"{' + 1 (the sink)' if self.num_sink else ''} = {needed} exceeds the backbone's position table "
+                    f"({table_field}={table_size}); allowed: segment_size <= "
+                    f"{table_size - needed + self.segment_size}."
                 )
+        if self.previous_segment_window:
+            self._check_backbone_window(base)
+
+    def _check_backbone_window(self, base: PreTrainedConfig) -> None:
+        """A backbone with sliding-window layers shorter than what a token sees under `previous_segment_window`
+        would need both windows at once: refused (the window's 4D mask replaces the backbone's own)."""
+        window = getattr(base, "sliding_window", None)
+        layer_types = getattr(base, "layer_types", None)
+        sliding = "sliding_attention" in layer_types if layer_types is not None else window is not None
+        span = 2 * self.segment_size + self.num_sink + self.num_mem_tokens
+        if sliding and isinstance(window, int) and window < span:
+            raise ValueError(
+                f"ARMTConfig.previous_segment_window: the backbone's sliding-window layers see {window} tokens, fewer "
+                f"than a segment's memory tokens see with the window (2 * segment_size + sink + num_mem_tokens = "
+                f"{span}); both windows at once are not implemented. Use segment_size <= "
+                f"{(window - self.num_sink - self.num_mem_tokens) // 2} or a backbone without sliding-window layers."
+            )
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
         """The backbone's config, as composite models return their text sub-config: it holds the vocabulary, the
@@ -174,6 +218,11 @@ class ARMTConfig(PreTrainedConfig):
         if self.layers_with_memory is None:
             return list(range(self.num_hidden_layers))
         return list(self.layers_with_memory)
+
+    @property
+    def num_sink(self) -> int:
+        """Sink tokens before every segment: 1 with `use_sink`, else 0."""
+        return int(bool(self.use_sink))
 
     @property
     def gamma_eps(self) -> float:

@@ -45,6 +45,11 @@ except ImportError:  # imported as a top-level module (pip install, tests) rathe
 logger = logging.get_logger(__name__)
 
 
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True: attend) as the additive float mask that eager and sdpa attention both take."""
+    return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
     """Deterministic parameter-free projection (Schlag et al. 2021): (..., d) -> (..., 2 * nu * d).
 
@@ -91,7 +96,7 @@ class ARMTMemoryLayer(nn.Module):
     def read(self, hidden_states: torch.Tensor, A: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         """y = phi(W_q h) A / (phi(W_q h) . z + eps) (no division without a denominator); returns h + y in h's
         dtype."""
-        projected = self.query_proj(hidden_states)
+        projected = self.query_proj(hidden_states.to(self.query_proj.weight.dtype))
         with torch.autocast(A.device.type, enabled=False):  # A and z stay in the memory dtype under autocast
             return self._read(hidden_states, self.features(projected), A, z)  # q: (B, T, d_key)
 
@@ -111,6 +116,7 @@ class ARMTMemoryLayer(nn.Module):
 
         `written` (B,) marks the rows whose memory already holds something; the others use vbar = 0, gamma = 1.
         """
+        memory_states = memory_states.to(self.key_proj.weight.dtype)  # float32 with memory_weights_dtype="float32"
         k, v, b = self.key_proj(memory_states), self.value_proj(memory_states), self.beta_proj(memory_states)
         with torch.autocast(A.device.type, enabled=False):  # A and z stay in the memory dtype under autocast
             # k: (B, M, d_key), v: (B, M, d_model), beta: (B, M, 1)
@@ -369,6 +375,9 @@ class ARMTCache(Cache):
     (`fingerprint()`: `fingerprint_base` folds the tokens before the current segment, `segment_ids` holds the ids of
     the segment's key/value entries; `tokens_known` is False once it read `inputs_embeds`, whose ids it cannot know),
     and `last_logits` (B, vocab), the logits of the last column read when that forward built them (else None).
+    With `previous_segment_window`, the segment cache also holds each row's window: the keys/values of its previous
+    segment's real tokens (`window_length` leading entries when the rows are in step, else marked per entry by
+    `window_index`), and the sink's entry before the current segment's tokens.
 
     `get_seq_length()` is the number of columns (tokens, padding included) seen, as `generate()` expects.
     """
@@ -393,8 +402,13 @@ class ARMTCache(Cache):
         self.wrap_pos = config.wrap_pos
         self.num_mem_tokens = config.num_mem_tokens
         self.segment_size = config.segment_size
+        self.window = config.previous_segment_window
+        self.num_sink = config.num_sink
         self.d_key = d_key
         self.d_model = d_model
+        self.window_length = 0  # in-step rows: leading entries of the segment cache that hold the previous segment
+        # (B, kv length) with rows out of step: index j of the previous segment's token an entry holds, else -1
+        self.window_index: torch.Tensor | None = None
         self.memory_written = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.row_tokens = torch.zeros(batch_size, dtype=torch.long)  # on CPU: it steers Python control flow
         self.seen_tokens = 0
@@ -408,6 +422,8 @@ class ARMTCache(Cache):
         self.segment_ids: torch.Tensor | None = None  # (B, kv length): the ids of the segment's entries; None: none
         self.tokens_known = True
         self.last_logits: torch.Tensor | None = None
+        self._static_position = torch.zeros((), dtype=torch.long, device=device)  # ... and its position id
+        self._static_mask: torch.Tensor | None = None  # ... and, with the window, its attention mask
 
     @property
     def batch_size(self) -> int:
@@ -453,8 +469,15 @@ class ARMTCache(Cache):
         `fold_fingerprint`). A row's new document (`reset_rows`) does not restart it: it covers all columns read."""
         if self.segment_ids is None:
             return self.fingerprint_base
-        valid = None if self.segment_mask is None else self.segment_mask.bool()
-        return fold_fingerprint(self.fingerprint_base, self.segment_ids, valid)
+        return fold_fingerprint(self.fingerprint_base, self.segment_ids, self._token_entries())
+
+    def _token_entries(self) -> torch.Tensor | None:
+        """(B, entries) bool: the segment cache's entries that hold the current segment's tokens (None: all do).
+        With the window, the previous segment's entries (already folded into `fingerprint_base`) and the sink's are
+        no tokens of it."""
+        if self.window:
+            return self._window_entries(self.fingerprint_base.device)[0] == 1
+        return None if self.segment_mask is None else self.segment_mask.bool()
 
     def unread_columns(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
         """How many trailing columns of a whole prompt (`input_ids` and its `attention_mask`, None: no padding) this
@@ -510,26 +533,39 @@ class ARMTCache(Cache):
         return (
             tuple(self.memory_layer_indices), self.d_key, self.d_model, self.segment_size, self.num_mem_tokens,
             self.use_denominator, self.memory_dtype,
-        )
+        ) + (("previous_segment_window", self.num_sink) if self.window else ())
 
     def _segment_length(self) -> int:
-        """Entries in the segment key/value cache."""
+        """Entries in the segment key/value cache (with the window: its entries and the sink's too)."""
         return self.segment_cache.get_seq_length()
+
+    def _lead(self) -> int:
+        """In-step rows: entries before the current segment's first token (the window, then the sink once cached)."""
+        return self.window_length + min(self.num_sink, self._segment_length() - self.window_length)
+
+    def _current_length(self) -> int:
+        """In-step rows: tokens of the current segment in the segment cache."""
+        return self._segment_length() - self._lead()
 
     def _drop_segment(self) -> None:
         self.segment_cache = self._new_segment_cache()
         self.segment_mask = None
         self.segment_ids = None
+        self.window_length, self.window_index = 0, None
 
     def _new_segment_cache(self) -> DynamicCache:
-        """Keys/values of one segment: buffers of segment_size + num_mem_tokens entries per layer."""
-        return ARMTSegmentCache(self.num_backbone_layers, self.segment_size + self.num_mem_tokens)
+        """Keys/values of one segment: buffers of segment_size + num_mem_tokens entries per layer (with the window,
+        room for the previous segment's and the sink's too)."""
+        window = self.segment_size + self.num_sink if self.window else 0
+        return ARMTSegmentCache(self.num_backbone_layers, window + self.segment_size + self.num_mem_tokens)
 
     def _trim_segment(self) -> None:
         """Drop leading key/value entries that no row needs any more."""
         if self.segment_mask is None:
             return
         alive = self.segment_mask.any(0)
+        if self.window_index is not None:
+            alive |= (self.window_index >= 0).any(0)
         if not bool(alive.any()):
             self._drop_segment()
             return
@@ -539,9 +575,37 @@ class ARMTCache(Cache):
                 layer.drop_front(dead)
             self.segment_mask = self.segment_mask[:, dead:]
             self.segment_ids = self.segment_ids[:, dead:]
+            if self.window_index is not None:
+                self.window_index = self.window_index[:, dead:]
+        if self.window:
+            self._window_back_in_step()
+            return
         fill = self.segment_fill
         if bool(self.segment_mask.all()) and bool((fill == self._segment_length()).all()):
             self.segment_mask = None  # the rows are back in step: the fast path applies again
+
+    def _window_back_in_step(self) -> None:
+        """With the window: when every row's entries lie as in-step rows' do (the window's S entries in order, the
+        sink, the current segment's tokens), go back to the in-step representation."""
+        fill = self.segment_fill
+        window = int((self.window_index[0] >= 0).sum())
+        if not bool((fill == fill[0]).all()) or window not in (0, self.segment_size):
+            return
+        valid, index = self._in_step_entries(window, int(fill[0]), self.segment_mask.device)
+        if valid.shape[0] == self.segment_mask.shape[1] and bool((self.segment_mask == valid).all()) and bool(
+            (self.window_index == index).all()
+        ):
+            self.segment_mask = self.window_index = None
+            self.window_length = window
+
+    def _in_step_entries(self, window: int, fill: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-entry marks of in-step rows with `window` window entries and `fill` tokens of the current segment:
+        (current-segment mark: 1 a token, 2 the sink, 0 none; window index or -1), each (entries,)."""
+        sink = self.num_sink if fill else 0
+        valid = torch.cat([torch.zeros(window, dtype=torch.long), torch.full((sink,), 2),
+                           torch.ones(fill, dtype=torch.long)])
+        index = torch.cat([torch.arange(window), torch.full((sink + fill,), -1)])
+        return valid.to(device), index.to(device)
 
     def static_segment(self, num_tokens: int) -> Cache | None:
         """The current segment's keys/values as fixed-shape layers (`ARMTStaticSegmentLayer`) for a compiled step over
@@ -551,10 +615,24 @@ class ARMTCache(Cache):
         if not self.is_aligned or fill == 0 or fill + num_tokens >= self.segment_size:
             return None
         views = [layer.static_view(self._static_fill) for layer in self.segment_cache.layers]
-        if any(view is None for view in views) or self._segment_length() != fill:
+        if any(view is None for view in views) or self._current_length() != fill:
             return None
-        self._static_fill.fill_(fill)
+        lead = self._lead()
+        self._static_fill.fill_(lead + fill)
+        self._static_position.fill_(self.num_sink + fill)
+        if self.window:
+            self._static_mask = self._static_window_mask(views[0].get_max_length(), fill, num_tokens)
         return Cache(layers=views)
+
+    def _static_window_mask(self, capacity: int, fill: int, num_tokens: int) -> torch.Tensor:
+        """(1, 1, num_tokens, capacity) bool: what the new tokens at in-segment indices fill.. see in the buffers
+        (window entries j >= their index, the sink, the current segment's tokens up to themselves)."""
+        device = self._static_fill.device
+        column = torch.arange(capacity, device=device)
+        index = fill + torch.arange(num_tokens, device=device).unsqueeze(1)  # (num_tokens, 1)
+        in_window = (column < self.window_length) & (column >= index)
+        current = (column >= self.window_length) & (column <= self.window_length + self.num_sink + index)
+        return (in_window | current)[None, None]
 
     def end_static_step(self, num_tokens: int, ids: torch.Tensor | None) -> None:
         """Count `num_tokens` tokens (`ids`; None: read as embeddings) that a compiled step wrote through
@@ -598,6 +676,18 @@ class ARMTCache(Cache):
             if layer.z is not None:
                 layer.z = torch.where(keep.to(layer.z.device).view(-1, 1), layer.z, 0.0)
         self.memory_written = self.memory_written & keep.to(self.memory_written.device)
+        if self._segment_length() and self.window:  # their window and sink go too
+            device = self.segment_cache.layers[0].keys.device
+            valid, index = self._window_entries(device)  # read before the rows' counters restart
+            self.row_tokens = torch.where(keep, self.row_tokens, 0)
+            folded = fold_fingerprint(self.fingerprint_base, self.segment_ids, valid == 1)  # the rows' entries dropped
+            self.fingerprint_base = torch.where(rows.to(folded.device).view(-1, 1), folded, self.fingerprint_base)
+            rows_kept = keep.to(device).view(-1, 1)
+            self.segment_mask, self.window_index = valid * rows_kept, torch.where(rows_kept, index, -1)
+            self.window_length = 0
+            self._trim_segment()
+            self._crop_floor = self.seen_tokens
+            return
         self.row_tokens = torch.where(keep, self.row_tokens, 0)
         if self._segment_length():
             device = self.segment_cache.layers[0].keys.device
@@ -623,6 +713,8 @@ class ARMTCache(Cache):
             self.segment_ids = self.segment_ids.index_select(0, rows.to(self.segment_ids.device))
         if self.last_logits is not None:
             self.last_logits = self.last_logits.index_select(0, rows.to(self.last_logits.device))
+        if self.window_index is not None:
+            self.window_index = self.window_index.index_select(0, rows.to(self.window_index.device))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder every row of state (memory, segment keys/values, masks, counters) for beam search."""
@@ -656,10 +748,13 @@ class ARMTCache(Cache):
             tensors["segment_ids"] = self.segment_ids
         if self.last_logits is not None:
             tensors["last_logits"] = self.last_logits
+        if self.window_index is not None:
+            tensors["window_index"] = self.window_index
         metadata = {
             "format": "armt-cache-v1",
             "seen_tokens": str(self.seen_tokens),
             "tokens_known": json.dumps(self.tokens_known),
+            "window_length": str(self.window_length),
             "shape": json.dumps([len(self.layers), self.d_key, self.d_model, self.segment_size, self.num_mem_tokens]),
             "signature": json.dumps(self._signature()),
         }
@@ -686,6 +781,7 @@ class ARMTCache(Cache):
                 num_layers, d_key, d_model, segment_size, num_mem_tokens = json.loads(metadata["shape"])
                 seen_tokens = int(metadata["seen_tokens"])
                 tokens_known = json.loads(metadata.get("tokens_known", "false")) is True
+                window_length = int(metadata.get("window_length", 0))
                 found = (
                     tuple(tuple(v) if isinstance(v, list) else v for v in json.loads(metadata["signature"]))
                     if "signature" in metadata  # else written before layers_with_memory / use_denominator / memory_dtype
@@ -701,7 +797,7 @@ class ARMTCache(Cache):
                 )
             _check_cache_layout(path, config, {key: handle.get_slice(key) for key in handle.keys()})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        _check_cache_values(path, config, tensors, seen_tokens)
+        _check_cache_values(path, config, tensors, seen_tokens, window_length)
         cache = cls(config, int(tensors["memory_written"].shape[0]), device=device)
         for idx, layer in enumerate(cache.layers):
             layer.A = tensors[f"A.{idx}"].to(device)
@@ -715,8 +811,11 @@ class ARMTCache(Cache):
                 cache.segment_cache.update(keys, values, idx)
         if "segment_mask" in tensors:
             cache.segment_mask = tensors["segment_mask"].to(device)
+        if "window_index" in tensors:
+            cache.window_index = tensors["window_index"].to(device)
+        cache.window_length = window_length
         # rows out of step: their latest write's column is not saved, so crop() keeps all that was loaded
-        cache._crop_floor = seen_tokens - (0 if cache.segment_mask is not None else cache._segment_length())
+        cache._crop_floor = seen_tokens - (0 if cache.segment_mask is not None else cache._current_length())
         if "fingerprint" in tensors:
             cache.fingerprint_base = tensors["fingerprint"].to(device)
             cache.tokens_known = tokens_known
@@ -737,10 +836,15 @@ class ARMTCache(Cache):
         return [layer.A for layer in self.layers], [layer.z for layer in self.layers]
 
     def detach_memory_(self) -> None:
-        """Cut the autograd history of A and z (truncated backpropagation through time); values stay."""
+        """Cut the autograd history of A and z, and with the window of the cached keys/values (truncated
+        backpropagation through time); values stay."""
         for layer in self.layers:
             layer.A = layer.A.detach()
             layer.z = None if layer.z is None else layer.z.detach()
+        if self.window:
+            for layer in self.segment_cache.layers:
+                if layer.is_initialized:
+                    layer.assign(layer.keys.detach(), layer.values.detach())
 
     def next_piece(
         self, real: torch.Tensor | None, start: int, length: int, starts: torch.Tensor | None = None
@@ -775,12 +879,62 @@ class ARMTCache(Cache):
         """Positions, mask and key/value cache for a backbone call over `num_tokens` new columns (`real`: which are
         real tokens, None: all), followed by the memory tokens when `write_rows` (rows whose segment ends) is given."""
         write = write_rows is not None
-        if real is None and self.is_aligned:
+        if self.window:
+            piece = self._window_piece(num_tokens, real, write_rows, device)
+        elif real is None and self.is_aligned:
             piece = self._aligned_piece(num_tokens, write, use_cache, device)
         else:
             piece = self._ragged_piece(num_tokens, real, write_rows, device)
         piece.written, piece.read = self.memory_written, self.has_memory
         return piece
+
+    def _window_piece(
+        self, num_tokens: int, real: torch.Tensor | None, write_rows: torch.Tensor | None, device: torch.device
+    ) -> "_Piece":
+        """With the window: positions restart every segment (after the sink) and a 4D mask says what each new column
+        sees: of its row's window entries those at index j >= its in-segment index (memory tokens: all; the sink and
+        padding: none); of the current segment's entries and the new ones, the real ones before it (causal). A row
+        whose segment starts here with a real token gets the sink prepended (one column, dead for the other rows)."""
+        batch, size, num_memory = self.batch_size, self.segment_size, self.num_mem_tokens
+        in_step = real is None and self.is_aligned
+        real = torch.ones(batch, num_tokens, dtype=torch.bool) if real is None else real
+        fill = self.segment_fill
+        count = real.long().cumsum(1)
+        index = fill.unsqueeze(1) + count - 1  # (B, num_tokens): in-segment index of each real token
+        threshold = torch.where(real, index, size)  # a column sees the window entries j >= threshold
+        positions = torch.where(real, index + self.num_sink, 0)
+        valid = real.long()  # the new columns' marks as entries of the current segment: 1 a token, 2 the sink
+        sink_rows = (fill == 0) & real.any(1) if self.num_sink else torch.zeros(batch, dtype=torch.bool)
+        sink = int(bool(sink_rows.any()))
+        if sink:
+            threshold = torch.cat([torch.full((batch, 1), size), threshold], 1)
+            positions = torch.cat([torch.zeros(batch, 1, dtype=torch.long), positions], 1)
+            valid = torch.cat([2 * sink_rows.long().unsqueeze(1), valid], 1)
+        queries_valid = valid
+        if write_rows is not None:
+            threshold = torch.cat([threshold, torch.zeros(batch, num_memory, dtype=torch.long)], 1)
+            positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(num_memory)], 1)
+            queries_valid = torch.cat([valid, torch.ones(batch, num_memory, dtype=torch.long)], 1)
+        past_valid, past_window = self._window_entries(device)
+        threshold, queries_valid, valid = threshold.to(device), queries_valid.to(device), valid.to(device)
+        seen = (past_valid != 0).unsqueeze(1) | (past_window.unsqueeze(1) >= threshold.unsqueeze(2))  # (B, q, past)
+        causal = torch.ones(threshold.shape[1], threshold.shape[1], dtype=torch.bool, device=device).tril()
+        seen = torch.cat([seen, (queries_valid != 0).unsqueeze(1) & causal], 2)
+        new_window = torch.full_like(valid, -1)
+        return _Piece(
+            num_tokens, write_rows is not None, None if write_rows is None else write_rows.to(device),
+            positions.to(device), seen.unsqueeze(1), self.segment_cache, advance=None if in_step else count[:, -1],
+            kept_mask=torch.cat([past_valid, valid], 1), kept_window=torch.cat([past_window, new_window], 1),
+            sink=sink,
+        )
+
+    def _window_entries(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row and segment-cache entry: its mark in the current segment (1 a token, 2 the sink, 0 none) and its
+        index in the window (-1: none), each (B, entries)."""
+        if self.segment_mask is not None:
+            return self.segment_mask, self.window_index
+        valid, index = self._in_step_entries(self.window_length, int(self.segment_fill[0]), device)
+        return valid.expand(self.batch_size, -1), index.expand(self.batch_size, -1)
 
     def _aligned_piece(self, num_tokens: int, write: bool, use_cache: bool, device: torch.device) -> "_Piece":
         """All rows at the same place of their segments and no padding: positions come from the key/value cache."""
@@ -843,15 +997,21 @@ class ARMTCache(Cache):
         self.row_tokens += piece.num_tokens if piece.advance is None else piece.advance
         self.last_logits = None  # the forward sets them once it has the logits of its last column
         if piece.advance is not None or piece.write or piece.segment_cache is not None:
+            if piece.sink:  # the sink's entry, before the piece's columns: no token of any row
+                self._append_ids(self.fingerprint_base.new_zeros(self.batch_size, piece.sink), piece.sink)
             self._append_ids(ids, piece.num_tokens)  # as the segment's keys/values grow
         if piece.write and self.record_past:
             # the memory before the write, the segment's keys/values (+ the memory tokens') and the counters after the
             # piece; rows out of step keep using their segment cache, so theirs is copied
             segment = self.segment_cache if piece.advance is None else self.segment_cache.snapshot()
             self._undo.append(_Undo(*before, self.memory_written, segment, self.seen_tokens, self.row_tokens.clone(),
-                                    piece.kept_mask, self._crop_floor, self.fingerprint_base, self.segment_ids))
+                                    piece.kept_mask, self._crop_floor, self.fingerprint_base, self.segment_ids,
+                                    piece.kept_window))
         if piece.write:
             self._crop_floor = self.seen_tokens
+        if self.window:
+            self._end_window_piece(piece)
+            return
         if piece.advance is None:  # aligned
             if piece.write:
                 self.fingerprint_base = fold_fingerprint(self.fingerprint_base, self.segment_ids, None)
@@ -868,6 +1028,56 @@ class ARMTCache(Cache):
             self.segment_mask = self.segment_mask.clone()  # the undo record keeps the mask before the write
             self.segment_mask[piece.write_rows] = 0
             self.memory_written = self.memory_written | piece.write_rows
+        self._trim_segment()
+
+    def _end_window_piece(self, piece: "_Piece") -> None:
+        """With the window: a row whose segment ended keeps that segment's tokens' keys/values as its window (the
+        sink's and the memory tokens' are dropped) and forgets its previous window."""
+        if piece.advance is None:  # in step, no padding
+            if piece.write:
+                self.memory_written = torch.ones_like(self.memory_written)
+                start = self.window_length + self.num_sink
+                columns = torch.arange(start, start + self.segment_size, device=self.memory_written.device)
+                window = self._new_segment_cache()
+                for new, old in zip(window.layers, self.segment_cache.layers):
+                    if old.is_initialized:
+                        new.assign(old.keys.index_select(2, columns), old.values.index_select(2, columns))
+                self.segment_cache, self.window_length = window, self.segment_size
+                self.segment_ids = self.segment_ids[:, start : start + self.segment_size]
+                self.fingerprint_base = fold_fingerprint(self.fingerprint_base, self.segment_ids, None)
+            return
+        if piece.write:
+            self.segment_cache.crop(-self.num_mem_tokens)  # the memory tokens' keys/values belong to no segment
+        valid, window = piece.kept_mask, piece.kept_window
+        if piece.write:
+            rows = piece.write_rows.unsqueeze(1)
+            token = valid == 1
+            folded = fold_fingerprint(self.fingerprint_base, self.segment_ids, token)
+            self.fingerprint_base = torch.where(rows.to(folded.device), folded, self.fingerprint_base)
+            window = torch.where(rows, torch.where(token, token.long().cumsum(1) - 1, -1), window)
+            valid = torch.where(rows, 0, valid)
+            self.memory_written = self.memory_written | piece.write_rows
+        self.segment_mask, self.window_index, self.window_length = valid, window, 0
+        self._trim_segment()
+
+    def _crop_window(self, remove: int) -> None:
+        """`crop` with the window: the last `remove` input columns go (and the sink columns among them, which are no
+        input column), and so does the sink of a segment left without tokens."""
+        if self.segment_mask is None:
+            self.segment_cache.crop(-remove)
+            self.row_tokens -= remove
+            if self._current_length() == 0 and self._segment_length() > self.window_length:
+                self.segment_cache.crop(self.window_length - self._segment_length())  # the sink goes with its segment
+            self._crop_ids()
+            return
+        inputs = (self.segment_mask != 2).all(0).nonzero().squeeze(-1)  # the columns of input tokens
+        keep = int(inputs[-remove])
+        self.row_tokens -= (self.segment_mask[:, keep:] == 1).sum(1).cpu()
+        self.segment_cache.crop(keep - self._segment_length())
+        self._crop_ids()
+        self.segment_mask, self.window_index = self.segment_mask[:, :keep], self.window_index[:, :keep]
+        emptied = (self.segment_fill == 0).to(self.segment_mask.device).unsqueeze(1)
+        self.segment_mask = torch.where(emptied & (self.segment_mask == 2), 0, self.segment_mask)
         self._trim_segment()
 
     @property
@@ -894,9 +1104,10 @@ class ARMTCache(Cache):
             self._undo_write(self._undo.pop())
         self._undo.clear()  # what is kept now is accepted: no later crop goes back past it
         if self.segment_mask is None:
-            removable = self._segment_length() if self.is_aligned else 0
+            removable = self._current_length() if self.is_aligned else 0
         else:  # rows out of step: the columns since the latest write or row reset, by their mask
-            removable = min(self._segment_length(), self.seen_tokens - self._crop_floor)
+            columns = self._segment_length() if not self.window else int((self.segment_mask != 2).all(0).sum())
+            removable = min(columns, self.seen_tokens - self._crop_floor)
         start = self.seen_tokens - removable
         if max_length < start or max_length > self.seen_tokens:
             raise ValueError(
@@ -904,10 +1115,11 @@ class ARMTCache(Cache):
                 f"({start}..{self.seen_tokens}) can be removed; earlier ones are already written into memory."
             )
         remove = self.seen_tokens - max_length
-        if remove:
+        if remove and self.window:
+            self._crop_window(remove)
+        elif remove:
             self.segment_cache.crop(-remove)
-            length = self._segment_length()
-            self.segment_ids = self.segment_ids[:, :length] if length else None
+            self._crop_ids()
             if self.segment_mask is None:
                 self.row_tokens -= remove
             else:
@@ -915,6 +1127,11 @@ class ARMTCache(Cache):
                 self.segment_mask = self.segment_mask[:, :-remove]
                 self._trim_segment()
         self.seen_tokens = max_length
+
+    def _crop_ids(self) -> None:
+        """`segment_ids` cut to the segment cache's entries after it was cropped."""
+        length = self._segment_length()
+        self.segment_ids = self.segment_ids[:, :length] if length else None
 
     def _undo_write(self, undo: "_Undo") -> None:
         """Back to the end of the piece that wrote, before its memory write: memory as it was, the segment's
@@ -924,7 +1141,7 @@ class ARMTCache(Cache):
         self.memory_written = undo.written
         self.segment_cache = undo.segment_cache
         self.segment_cache.crop(-self.num_mem_tokens)  # the memory tokens' keys/values
-        self.segment_mask = undo.segment_mask
+        self.segment_mask, self.window_index, self.window_length = undo.segment_mask, undo.window_index, 0
         self.seen_tokens, self.row_tokens, self._crop_floor = undo.seen_tokens, undo.row_tokens, undo.crop_floor
         self.fingerprint_base, self.segment_ids = undo.fingerprint, undo.segment_ids
         self._trim_segment()
@@ -968,6 +1185,8 @@ def _check_cache_layout(path, config: ARMTConfig, slices: dict) -> None:
             expected["segment_ids"] = ((batch, next(iter(lengths))), {"I64"})
     if "last_logits" in slices:
         expected["last_logits"] = ((batch, config.vocab_size), {"F32", "BF16", "F16"})
+    if "window_index" in slices and config.previous_segment_window and "segment_mask" in slices:
+        expected["window_index"] = ((batch, next(iter(lengths), 0)), {"I64"})
     unexpected = sorted(set(slices) - set(expected))
     missing = sorted(set(expected) - set(slices))
     if unexpected or missing:
@@ -979,7 +1198,7 @@ def _check_cache_layout(path, config: ARMTConfig, slices: dict) -> None:
             )
 
 
-def _check_cache_values(path, config: ARMTConfig, tensors: dict, seen_tokens: int) -> None:
+def _check_cache_values(path, config: ARMTConfig, tensors: dict, seen_tokens: int, window_length: int = 0) -> None:
     """Finite memory and keys/values, and counters that agree with each other."""
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -995,7 +1214,14 @@ def _check_cache_values(path, config: ARMTConfig, tensors: dict, seen_tokens: in
         raise ValueError(f"{path}: memory_written disagrees with row_tokens (a row has memory once it read a segment).")
     length = next((t.shape[2] for key, t in tensors.items() if key.endswith(".keys")), 0)
     fill = row_tokens % config.segment_size
-    if "segment_mask" not in tensors and bool((fill != length).any()) and not (length == 0 and bool((fill == 0).all())):
+    if "segment_mask" in tensors:
+        return
+    window = config.segment_size if config.previous_segment_window and bool(written.all()) else 0
+    if window_length != window and not (window_length == 0 and length == 0):
+        raise ValueError(f"{path}: window_length {window_length} disagrees with the rows' counters (expected "
+                         f"{window} for this model).")
+    lead = window_length + (config.num_sink if bool((fill > 0).all()) else 0)
+    if bool((fill + lead != length).any()) and not (length == 0 and bool((fill == 0).all())):
         raise ValueError(f"{path}: the segment holds {length} keys/values but the rows have read {fill.tolist()} "
                          "tokens of their current segment.")
 
@@ -1016,6 +1242,7 @@ class _Undo:
     crop_floor: int
     fingerprint: torch.Tensor
     segment_ids: torch.Tensor
+    window_index: torch.Tensor | None = None  # with the window: the entries' window indices (see segment_mask)
 
 
 @dataclass
@@ -1033,6 +1260,8 @@ class _Piece:
     kept_mask: torch.Tensor | None = None  # (B, kv length) validity of the segment's keys/values after the call
     written: torch.Tensor | None = None  # (B,) rows whose memory held something before the call
     read: bool = False  # some row reads memory (kept here: a checkpointed recomputation must see the same)
+    kept_window: torch.Tensor | None = None  # window: (B, kv length) window index of the entries after the call
+    sink: int = 0  # window: 1 when the sink is prepended to this call's columns
 
 
 @dataclass
@@ -1048,16 +1277,18 @@ class _Outputs:
         """The same request, collecting apart (a checkpointed piece's recomputation)."""
         return _Outputs(self.hidden_states, self.attentions)
 
-    def add(self, result, num_tokens: int, first_input: torch.Tensor | None) -> None:
-        """Take a backbone call's hidden states / attentions, without the memory tokens' positions or queries.
-        `first_input`: the first decoder layer's input before its memory read, which stands for the embeddings."""
+    def add(self, result, num_tokens: int, first_input: torch.Tensor | None, offset: int = 0) -> None:
+        """Take a backbone call's hidden states / attentions, without the memory tokens' positions or queries (nor the
+        sink's: the piece's tokens start at `offset`). `first_input`: the first decoder layer's input before its
+        memory read, which stands for the embeddings."""
+        tokens = slice(offset, offset + num_tokens)
         if self.hidden_states:
             hidden = list(result.hidden_states)
             if first_input is not None and hidden[0] is not None:
                 hidden[0] = first_input
-            self.pieces_hidden.append(tuple(None if h is None else h[:, :num_tokens] for h in hidden))
+            self.pieces_hidden.append(tuple(None if h is None else h[:, tokens] for h in hidden))
         if self.attentions:
-            self.pieces_attentions.append(tuple(weights[:, :, :num_tokens] for weights in result.attentions))
+            self.pieces_attentions.append(tuple(weights[:, :, tokens] for weights in result.attentions))
 
     def fields(self) -> dict:
         """`hidden_states` (per hidden state, the pieces concatenated along the sequence) and `attentions` (per piece)
@@ -1141,11 +1372,12 @@ _SIGNATURE_FIELDS = "memory layers, d_key, d_model, segment_size, num_mem_tokens
 
 
 def _cache_signature(config: ARMTConfig) -> tuple:
-    """What an ARMTCache records of the config it was made for."""
+    """What an ARMTCache records of the config it was made for (the window's fields only when it is on, so that
+    caches saved before it existed still load)."""
     return (
         tuple(config.memory_layer_indices), config.d_key, config.hidden_size, config.segment_size,
         config.num_mem_tokens, config.use_denominator, config.memory_dtype,
-    )
+    ) + (("previous_segment_window", config.num_sink) if config.previous_segment_window else ())
 
 
 @dataclass
@@ -1293,6 +1525,9 @@ class ARMTMemoryInjector:
                 self.traced_step = None
 
 
+# The modules holding ARMT's own parameters (kept in float32 with `memory_weights_dtype="float32"`)
+MEMORY_MODULES = ("memory_embeddings", "memory_position_embeddings", "sink_embedding", "memory_layers")
+
 # State-dict keys before 0.2 -> now (regular expressions, as `from_pretrained(key_mapping=...)` takes them)
 LEGACY_KEYS = {
     r"^memory_embeddings$": "memory_embeddings.weight",
@@ -1343,7 +1578,7 @@ class ARMTPreTrainedModel(PreTrainedModel):
         if module is self.memory_embeddings:
             word_std = self.backbone.get_input_embeddings().weight.float().std().item()
             init.normal_(module.weight, 0.0, word_std)
-        elif module is self.memory_position_embeddings:
+        elif module is self.memory_position_embeddings or module is self.sink_embedding:
             init.normal_(module.weight, 0.0, std)
         for layer in self.memory_layers:
             if module is layer.value_proj:
@@ -1363,7 +1598,8 @@ class ARMTPreTrainedModel(PreTrainedModel):
         options = ", ".join(
             f"`{name}={getattr(config, name)}`"
             for name in ("num_mem_tokens", "d_mem", "segment_size", "dpfp_nu", "correction", "wrap_pos",
-                         "normalize_features", "use_denominator", "layers_with_memory", "memory_dtype")
+                         "normalize_features", "use_denominator", "layers_with_memory", "memory_dtype",
+                         "memory_weights_dtype", "previous_segment_window", "use_sink")
         )
         return f"""---
 library_name: transformers
@@ -1431,6 +1667,9 @@ class ARMTModel(ARMTPreTrainedModel):
         self.memory_position_embeddings = (
             ARMTMemoryEmbeddings(config.num_mem_tokens, config.hidden_size) if config.wrap_pos else None
         )
+        self.sink_embedding = ARMTMemoryEmbeddings(1, config.hidden_size) if config.use_sink else None
+        if config.memory_weights_dtype == "float32":  # from_pretrained(dtype=bf16/fp16) keeps these in float32
+            self._keep_in_fp32_modules_strict = list(MEMORY_MODULES)
         # memory_layers[i] belongs to backbone layer config.memory_layer_indices[i]; other layers run as they are
         self.memory_layers = nn.ModuleList(ARMTMemoryLayer(config) for _ in config.memory_layer_indices)
         self.gradient_checkpointing = False
@@ -1511,6 +1750,12 @@ class ARMTModel(ARMTPreTrainedModel):
             )
         past_length = cache.seen_tokens if cache is not None else 0
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        if self.config.previous_segment_window and self.config.base_config._attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(
+                "previous_segment_window needs the backbone's 'eager' or 'sdpa' attention (a 4D mask says what each "
+                f"token sees of the previous segment), not {self.config.base_config._attn_implementation!r}: load "
+                "the model with attn_implementation='sdpa'."
+            )
         batch_size, length = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         if cache is None:
             cache = self.new_cache(batch_size)
@@ -1570,10 +1815,16 @@ class ARMTModel(ARMTPreTrainedModel):
         num_memory = self.config.num_mem_tokens if piece.write else 0
         if piece.write:
             embeds = torch.cat([embeds, self.memory_embeddings(embeds.shape[0], embeds.dtype)], dim=1)
+        if piece.sink:
+            embeds = torch.cat([self.sink_embedding(embeds.shape[0], embeds.dtype), embeds], dim=1)
+            keep = None if keep is None else keep + piece.sink
         memory_positions = None
         if piece.write and self.memory_position_embeddings is not None:
             memory_positions = self.memory_position_embeddings(1, embeds.dtype)[0]
-        inputs = dict(inputs_embeds=embeds, attention_mask=piece.attention_mask, position_ids=piece.position_ids,
+        attention_mask = piece.attention_mask
+        if attention_mask is not None and attention_mask.dtype == torch.bool:  # the window's 4D mask
+            attention_mask = _additive_mask(attention_mask, embeds.dtype)
+        inputs = dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=piece.position_ids,
                       cache=piece.segment_cache, use_cache=piece.segment_cache is not None)
         if outputs is not None:
             inputs.update(output_hidden_states=outputs.hidden_states, output_attentions=outputs.attentions)
@@ -1583,13 +1834,13 @@ class ARMTModel(ARMTPreTrainedModel):
         ) as step:
             if hidden:
                 result = self.backbone.base_model(**inputs)
-                output = result.last_hidden_state[:, : piece.num_tokens]
+                output = result.last_hidden_state[:, piece.sink : piece.sink + piece.num_tokens]
             else:
                 empty = torch.empty(0, dtype=torch.long, device=embeds.device)
                 result = self.backbone(**inputs, logits_to_keep=keep if keep is not None else empty)
                 output = result.logits if keep is not None else None
         if outputs is not None:
-            outputs.add(result, piece.num_tokens, step.first_input)
+            outputs.add(result, piece.num_tokens, step.first_input, piece.sink)
         return output, step.new_A, step.new_z
 
     def _checkpointed_segment(self, embeds, piece, A, z, keep, hidden, outputs):
@@ -1666,10 +1917,11 @@ class ARMTModel(ARMTPreTrainedModel):
         )
 
 
-def _decode_logits(backbone: PreTrainedModel, embeds: torch.Tensor, segment: Cache, position_ids: torch.Tensor):
+def _decode_logits(backbone: PreTrainedModel, embeds: torch.Tensor, segment: Cache, position_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None):
     """The compiled part of a decode step: the backbone (memory read by the hooks) over fixed-shape buffers."""
-    return backbone(inputs_embeds=embeds, position_ids=position_ids, cache=segment, use_cache=True,
-                    logits_to_keep=1).logits
+    return backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=segment,
+                    use_cache=True, logits_to_keep=1).logits
 
 
 # Backbones whose causal-LM logits are lm_head(final hidden states) and nothing more (no soft-capping or scaling): for
@@ -1851,11 +2103,12 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
         if self.memory_injector.traced_step is not None:  # another thread's compiled step of this model: run eagerly
             return None
         embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
-        position_ids = cache._static_fill.view(1, 1).expand(embeds.shape[0], 1)
+        position_ids = cache._static_position.view(1, 1).expand(embeds.shape[0], 1)
+        mask = None if cache._static_mask is None else _additive_mask(cache._static_mask, embeds.dtype)
         A, z = cache.memory_state()
         try:
             with self.memory_injector.traced(A, z, cache.memory_written, cache.has_memory):
-                logits = self._compiled_decode(self.backbone, embeds, segment, position_ids)
+                logits = self._compiled_decode(self.backbone, embeds, segment, position_ids, mask)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit) as error:
             logger.warning(f"ARMT decoding stays eager: the decode step does not compile ({type(error).__name__}: "
                            f"{str(error).splitlines()[0]}).")

@@ -7,7 +7,8 @@ Source layouts (detected from the keys, or forced with --source-format):
               `memory_cell.model.<layers>.N.layer.<stock>`, every other backbone key under `memory_cell.model.`, and
               `memory_cell.layers.N.*` aliases (dropped; used when the canonical key is absent).
   outer-loop  a Hub folder of the authors' `ARMTForCausalLM`: the research keys with an `armt.` prefix.
-  inner-loop  a Hub folder of the authors' `InnerLoopARMTForCausalLM`: `memory`, `model.<layers>.N.W_m{q,k,v,b}.*`,
+  inner-loop  a Hub folder of the authors' `InnerLoopARMTForCausalLM` (also their current src/armt.py and
+              src/armt_sw.py, model_type `armt` / `armt_sw`): `memory` (and `sink`), `model.<layers>.N.W_m{q,k,v,b}.*`,
               `model.<layers>.N.layer.<stock>`, every other backbone key under `model.`.
 
 Hyper-parameters: a flag beats the source's config.json, which beats what the weights show (num_mem_tokens, d_mem,
@@ -65,6 +66,13 @@ REMOVED_IN_CURRENT_CODE = (
     "act_format", "act_on", "act_type", "attend_to_previous_input", "constant_depth", "gating", "max_hop", "n_heads",
     "noisy_halting", "sliding_window", "time_penalty", "use_sink", "wrap_pos",
 )
+# model_type of the authors' sliding-window code (src/armt_sw.py), whose config keeps `use_sink`
+SLIDING_WINDOW_MODEL_TYPE = "armt_sw"
+ARMT_MODEL_TYPES = ("armt", SLIDING_WINDOW_MODEL_TYPE)
+# src/armt_sw.py's window: the layer class and its mask (real token i sees the previous segment's keys j >= i)
+WINDOW_CODE_PATTERN = re.compile(r"class\s+SlidingWindowAssociativeLayer\b[\s\S]*def\s+_window_mask\b")
+# RoPE variants whose rotation depends on more than the distance between two positions (the sequence length)
+POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
 class ConversionError(ValueError):
@@ -203,7 +211,7 @@ def read_source(path: Path, source_config: Path | None = None) -> Source:
 
 
 def is_armt_config(config: dict | None) -> bool:
-    return bool(config) and (config.get("model_type") == "armt" or "num_mem_tokens" in config)
+    return bool(config) and (config.get("model_type") in ARMT_MODEL_TYPES or "num_mem_tokens" in config)
 
 
 # ------------------------------------------------------------------------------------------------ layouts and mapping
@@ -283,6 +291,8 @@ def map_research_state_dict(state: dict[str, torch.Tensor], model: ARMTForCausal
                 unknown.append(key)
         elif key.startswith("memory_cell.model."):
             mapped["backbone." + key[len("memory_cell.model.") :]] = tensor
+        elif key == "memory_cell.sink":
+            mapped["sink_embedding.weight"] = tensor
         else:
             unknown.append(key)
     if unknown:
@@ -426,15 +436,11 @@ def find_unsupported(config: dict | None, state: dict[str, torch.Tensor], code_f
             found.append(f"{name}={value!r} ({description})")
 
     flag("act_on", "ACT, adaptive computation time")
-    flag("use_sink", "a sink token")
-    flag("sliding_window", "a sliding window over the previous segment")
     flag("attend_to_previous_input", "attention to the previous segment's input")
     flag("n_heads", "several memory heads", lambda v: v != 1)
     flag("gating", "vector gating of memory writes")
     flag("segment_alignment", "segments aligned other than left", lambda v: v != "left")
 
-    if "memory_cell.sink" in state and not config.get("use_sink"):
-        found.append("a sink token (the weights hold `sink`)")
     layer_re = re.compile(r"^memory_cell\.(?:model\..+|layers)\.(\d+)\.(W_mb\.weight|act\..+)$")
     kinds = set()  # one weight-based finding per kind is enough
     for key, tensor in state.items():
@@ -479,7 +485,7 @@ def load_backbone_config(spec: str | dict) -> dict:
                     f"Could not get the backbone config {spec!r} (not a local file or folder, and the Hub lookup "
                     f"failed: {_first_line(error)}). Pass --base-config with a local config.json."
                 ) from error
-    if config.get("model_type") == "armt":  # an ARMT config: take the backbone inside it
+    if config.get("model_type") in ARMT_MODEL_TYPES:  # an ARMT config: take the backbone inside it
         inner = config.get("base_config") or config.get("base_model_config") or config.get("base_model_name")
         if inner is None:
             raise ConversionError(f"The ARMT config {spec!r} names no backbone; pass the backbone's own config.")
@@ -508,6 +514,26 @@ def resolve_backbone(base_config: str | None, source: Source) -> tuple[dict, str
         "No backbone config: the source has no config.json naming one (`base_model_config` / `base_model_name`). "
         "Pass --base-config with a config JSON, a folder or a Hub id (gpt2 for the irodkin/armt_babilong_* files)."
     )
+
+
+MEMORY_KEY_PATTERN = re.compile(r"^memory_cell\.(?:memory|sink)$|\.W_m[qkvb]\.")
+
+
+def resolve_memory_weights_dtype(state: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[str | None, list[str]]:
+    """(memory_weights_dtype, problems): a source that holds its memory weights (memory, sink, W_mq/W_mk/W_mv/W_mb) in
+    float32 beside a lower-precision backbone keeps them in float32 (the authors' `memory_dtype`); memory weights in
+    a lower precision than a float32 backbone have no equivalent here. `state` is in the research layout."""
+    import torch
+
+    memory = {t.dtype for k, t in state.items() if MEMORY_KEY_PATTERN.search(k) and t.is_floating_point()}
+    backbone = _source_dtype({k: t for k, t in state.items() if not MEMORY_KEY_PATTERN.search(k)})
+    if memory == {torch.float32} and backbone != torch.float32 and dtype != torch.float32:
+        return "float32", []
+    if memory and memory != {backbone} and backbone == torch.float32 and dtype == torch.float32:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in memory))
+        return None, [f"memory weights in {names} beside a float32 backbone (the memory projections would run in "
+                      "float32 here; pass --dtype to convert everything to one dtype)"]
+    return None, []
 
 
 def _source_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
@@ -562,11 +588,13 @@ def resolve_hyperparameters(
 
 
 def is_current_code_config(config: dict | None) -> bool:
-    """Whether a source config.json was written by the authors' current code (src/armt.py, `model_type: "armt"`)."""
+    """Whether a source config.json was written by the authors' current code (src/armt.py, `model_type: "armt"`, or
+    src/armt_sw.py, `model_type: "armt_sw"`, which keeps `use_sink`)."""
+    kept = ("use_sink",) if is_armt_config(config) and config.get("model_type") == SLIDING_WINDOW_MODEL_TYPE else ()
     return (
         is_armt_config(config)
         and any(name in config for name in CURRENT_CODE_FIELDS)
-        and not any(name in config for name in REMOVED_IN_CURRENT_CODE)
+        and not any(name in config for name in REMOVED_IN_CURRENT_CODE if name not in kept)
     )
 
 
@@ -684,23 +712,121 @@ def resolve_memory_options(
     return values, origin, told
 
 
-def check_positions(backbone_model, source_format: str, current: bool) -> None:
-    """The authors' in-layer code restarts positions at every segment only where it finds the rotary embedding at
-    `model.rotary_emb` or `gpt_neox.rotary_emb` (never for Gemma); elsewhere positions run across segments, which
-    this model (positions restart per segment) cannot reproduce."""
+def resolve_window(
+    args: argparse.Namespace, source: Source, state: dict[str, torch.Tensor]
+) -> tuple[dict, dict, list[str], list[str]]:
+    """The sliding window over the previous segment and the sink: (values, origin, how each was told, problems).
+
+    src/armt_sw.py (`model_type: "armt_sw"`) is converted exactly. The older inner-loop code's `sliding_window` and a
+    `sliding_window_enabled` without src/armt_sw.py's code beside it are refused unless --previous-segment-window
+    says it is that window: the window's math differs between the authors' revisions (in modeling_amt/inner_loop.py
+    memory tokens see none of the previous segment and, with a sink, real token i sees its tokens j >= i + 1).
+    `state` is in the research layout."""
+    config = source.config if is_armt_config(source.config) else {}
+    window_code = next((name for name, text in _code_texts(source.code_files) if WINDOW_CODE_PATTERN.search(text)),
+                       None)
+    origin, told, problems = {}, [], []
+    enabled = config.get("sliding_window_enabled")
+    if args.previous_segment_window is not None:
+        window, origin["previous_segment_window"] = args.previous_segment_window, "flag"
+        told.append(f"sliding window over the previous segment {'on' if window else 'off'}: given by "
+                    f"--{'' if window else 'no-'}previous-segment-window")
+    elif config.get("model_type") == SLIDING_WINDOW_MODEL_TYPE:
+        window, origin["previous_segment_window"] = True, "config"
+        told.append("sliding window over the previous segment: model_type 'armt_sw', the authors' src/armt_sw.py "
+                    "(every layer also attends to the previous segment's tokens j >= i, memory tokens to all of them)")
+    elif enabled is not None and not (enabled and window_code is None):
+        window, origin["previous_segment_window"] = bool(enabled), "config"
+        told.append(f"sliding window over the previous segment {'on' if window else 'off'}: the config's "
+                    f"sliding_window_enabled={enabled!r}" + (f", with src/armt_sw.py's window in {window_code}"
+                                                             if window else ""))
+    elif enabled:
+        window = False
+        problems.append(
+            "sliding_window_enabled=True (a sliding window over the previous segment, from a code revision that is not "
+            "beside the weights: pass --previous-segment-window if it is src/armt_sw.py's window, in which real "
+            "token i sees the previous segment's tokens j >= i and memory tokens all of them)"
+        )
+    elif config.get("sliding_window"):
+        window = False
+        problems.append(
+            "sliding_window=True (the older modeling_amt code's sliding window, e.g. modeling_amt/inner_loop.py, whose "
+            "math differs from src/armt_sw.py's and changed between revisions; pass --previous-segment-window only if "
+            "it was trained with src/armt_sw.py's window)"
+        )
+    else:
+        window, origin["previous_segment_window"] = False, "default"
+
+    in_weights = "memory_cell.sink" in state
+    said = config.get("use_sink")
+    if said is not None and bool(said) != in_weights:
+        problems.append(f"use_sink={said!r} (a sink token) but the weights hold {'a' if in_weights else 'no'} `sink`")
+    elif in_weights and not window and not problems:
+        problems.append(
+            f"{'use_sink=True' if said else 'a `sink` weight'} (a sink token) without the sliding window over the "
+            "previous segment: the sink is implemented with src/armt_sw.py's window only"
+        )
+    elif in_weights:
+        told.append("a sink token before every segment: the weights hold `sink`")
+    origin["use_sink"] = "weights"
+    return {"previous_segment_window": window, "use_sink": in_weights}, origin, told, problems
+
+
+def _rope_types(config) -> set[str]:
+    """The RoPE types a backbone config names (5.x `rope_parameters`, per layer type or not; legacy `rope_scaling`)."""
+    found = set()
+    for field_name in ("rope_parameters", "rope_scaling"):
+        value = getattr(config, field_name, None)
+        if not isinstance(value, dict):
+            continue
+        for entry in [value, *[v for v in value.values() if isinstance(v, dict)]]:
+            kind = entry.get("rope_type") or entry.get("type")
+            if isinstance(kind, str):
+                found.add(kind)
+    return found
+
+
+def check_positions(backbone_model, source_format: str, current: bool, window: bool = False) -> str | None:
+    """The authors' in-layer code restarts positions at every segment where it finds the rotary embedding at
+    `model.rotary_emb` or `gpt_neox.rotary_emb`, except for Gemma, whose rotary embedding it leaves to the backbone:
+    there positions run across the whole input (segments with their memory tokens). That gives the same logits as
+    restarting them when RoPE enters only as the rotation by the distance of two positions and attention never crosses
+    a segment (src/armt.py); returns that reason for the model card. Anything else is refused."""
     if source_format != "inner-loop" or not current:
-        return
+        return None
     model_type = backbone_model.config.model_type
     rotary = getattr(getattr(backbone_model, "model", None), "rotary_emb", None) or getattr(
         getattr(backbone_model, "gpt_neox", None), "rotary_emb", None
     )
-    if rotary is None or "gemma" in model_type.lower():
+    if rotary is not None and "gemma" not in model_type.lower():
+        return None
+    if rotary is None:
         raise ConversionError(
             f"The authors' current code numbers positions across segments for a {model_type!r} backbone: it restarts "
-            "them per segment only through a rotary embedding at model.rotary_emb / gpt_neox.rotary_emb (and never "
-            "for Gemma), which this backbone does not have. This model restarts positions every segment, so a "
-            "conversion would compute something else. Nothing was written."
+            "them per segment only through a rotary embedding at model.rotary_emb / gpt_neox.rotary_emb, which this "
+            "backbone does not have. This model restarts positions every segment, so a conversion would compute "
+            "something else. Nothing was written."
         )
+    if window:
+        raise ConversionError(
+            f"The authors' sliding-window code numbers positions across segments for a {model_type!r} backbone (it "
+            "leaves RoPE to the backbone): the previous segment's keys are rotated one segment with its memory "
+            "tokens earlier than in this model, which restarts positions every segment (previous_segment_window with "
+            "positions across segments is not implemented). Nothing was written."
+        )
+    dependent = sorted(_rope_types(backbone_model.config) & set(POSITION_DEPENDENT_ROPE))
+    if dependent:
+        raise ConversionError(
+            f"The authors' code numbers positions across segments for a {model_type!r} backbone, whose RoPE type "
+            f"{', '.join(map(repr, dependent))} depends on the positions themselves, not only on their distance: "
+            "this model restarts positions every segment and would compute something else. Nothing was written."
+        )
+    return (
+        f"Positions: the authors' code numbers positions across segments for a `{model_type}` backbone (it leaves "
+        "RoPE to the backbone), while this model restarts them every segment. RoPE enters attention only as the "
+        "rotation by the distance between two positions, and their attention never crosses a segment, so both give "
+        "the same logits."
+    )
 
 
 def _infer_wrap_pos(state: dict[str, torch.Tensor], backbone: dict, memory: torch.Tensor | None) -> bool | None:
@@ -741,9 +867,15 @@ def build_model(
 
     from modeling_armt import ARMTForCausalLM
 
+    from modeling_armt import MEMORY_MODULES
+
     dtype = dtype or torch.float32
     with _building(dtype):
         model = ARMTForCausalLM(config)
+    if config.memory_weights_dtype == "float32":
+        for name in MEMORY_MODULES:
+            if getattr(model, name, None) is not None:
+                getattr(model, name).float()
     mapped = map_research_state_dict(state, model)
     check_state_dict(mapped, model)
     model.load_state_dict(mapped, strict=False)
@@ -923,6 +1055,9 @@ def model_card(
         ("use_denominator", config.use_denominator, "reads divide by phi(q).z + eps"),
         ("layers_with_memory", config.layers_with_memory, "backbone layers with memory (None: all)"),
         ("memory_dtype", config.memory_dtype, "dtype of A, z and the memory arithmetic"),
+        ("memory_weights_dtype", config.memory_weights_dtype, "memory parameters kept in this dtype (None: the model's)"),
+        ("previous_segment_window", config.previous_segment_window, "sliding window over the previous segment"),
+        ("use_sink", config.use_sink, "a learned sink token before every segment"),
     ]
     rows = "\n".join(f"| `{k}` | `{v}` | {origin.get(k, '-')} | {what} |" for k, v, what in params)
     layers = getattr(base, "num_hidden_layers", "?")
@@ -1032,6 +1167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hyper.add_argument("--correction-eps", type=float, metavar="EPS",
                        help="epsilon added to |k|^2 in the correction (default: the source code's; 0 for the "
                             "current code, memory_eps for the 2024 research code)")
+    hyper.add_argument("--previous-segment-window", action=argparse.BooleanOptionalAction, default=None,
+                       help="the sliding window of the authors' src/armt_sw.py (default: told from the source's config "
+                            "model_type 'armt_sw' / sliding_window_enabled; needed for an older `sliding_window`)")
     hyper.add_argument("--use-denominator", action=argparse.BooleanOptionalAction, default=None,
                        help="memory reads divide by phi(q).z + eps (default: the source config's use_denom, else on)")
     out = parser.add_argument_group("output")
@@ -1084,6 +1222,8 @@ def convert(args: argparse.Namespace) -> Path:
     logger.info("layout: %s (%d tensors)", source_format, len(source.state))
     state = to_research_layout(source.state, source_format)
     unsupported = find_unsupported(source.config, state, source.code_files)
+    window_values, window_origin, window_told, window_problems = resolve_window(args, source, state)
+    unsupported += window_problems
     if unsupported:
         raise ConversionError(
             "The source uses options this project does not implement, so a conversion would compute something "
@@ -1096,6 +1236,9 @@ def convert(args: argparse.Namespace) -> Path:
     )
     values.update(memory_values)
     origin.update(memory_origin)
+    values.update(window_values)
+    origin.update(window_origin)
+    detection += window_told
     logger.info("hyper-parameters: %s", ", ".join(f"{k}={v} ({origin[k]})" for k, v in values.items()))
     for line in detection:
         logger.info("detected: %s", line)
@@ -1106,6 +1249,14 @@ def convert(args: argparse.Namespace) -> Path:
     dtype = _source_dtype(state) if args.dtype == "auto" else getattr(torch, args.dtype)
     if str(dtype).removeprefix("torch.") not in DTYPES:
         raise ConversionError(f"The source's dtype {dtype} cannot be saved as is; pass --dtype.")
+    config.memory_weights_dtype, dtype_problems = resolve_memory_weights_dtype(state, dtype)
+    if dtype_problems:
+        raise ConversionError("The source uses options this project does not implement, so a conversion would "
+                              "compute something else: " + "; ".join(dtype_problems) + ". Nothing was written.")
+    if config.memory_weights_dtype:
+        origin["memory_weights_dtype"] = "weights"
+        detection.append(f"memory weights in float32 beside a {str(dtype).removeprefix('torch.')} backbone: kept in "
+                         "float32 (memory_weights_dtype)")
     warnings = []
     if source_format == "inner-loop" and backbone["model_type"] in LEARNED_POSITION_TABLES:
         warnings.append(
@@ -1120,7 +1271,11 @@ def convert(args: argparse.Namespace) -> Path:
             "warning: the tokenizer has %d tokens, the model's vocabulary %d", len(tokenizer), config.vocab_size
         )
     model = build_model(state, config, dtype=dtype)
-    check_positions(model.backbone, source_format, is_current_code_config(source.config))
+    positions = check_positions(model.backbone, source_format, is_current_code_config(source.config),
+                                config.previous_segment_window)
+    if positions:
+        logger.info("detected: %s", positions)
+        detection.append(positions)
     del state
     source.state = {}
     generation_origin = _set_generation_defaults(model, tokenizer, source)

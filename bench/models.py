@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that `--help` answer
 MODELS: dict[str, tuple[str, str]] = {
     "armt-gpt2": ("armt", "gpt2"),
     "armt-llama": ("armt", "llama"),
+    "armt-llama-sw": ("armt", "llama"),
     "gpt2": ("full", "gpt2"),
     "llama": ("full", "llama"),
     "mamba": ("mamba", "mamba"),
@@ -20,6 +21,7 @@ MODELS: dict[str, tuple[str, str]] = {
 LABELS = {
     "armt-gpt2": "ARMT + GPT-2-small (124M)",
     "armt-llama": "ARMT + SmolLM2-135M-style Llama",
+    "armt-llama-sw": "ARMT + SmolLM2-135M-style Llama, sliding window over the previous segment + sink",
     "gpt2": "GPT-2-small, full attention",
     "llama": "SmolLM2-135M-style Llama, full attention",
     "mamba": "Mamba-130M",
@@ -27,6 +29,8 @@ LABELS = {
 # ARMT hyper-parameters of the issue (segment_size is also the chunk size of the other models' streaming prefill).
 ARMT_KWARGS = dict(num_mem_tokens=10, d_mem=64, segment_size=512)
 TINY_ARMT_KWARGS = dict(num_mem_tokens=4, d_mem=8, segment_size=32)
+# ARMT options beyond those, per model (the authors' armt_sw: every layer also attends to the previous segment)
+ARMT_OPTIONS: dict[str, dict[str, Any]] = {"armt-llama-sw": dict(previous_segment_window=True, use_sink=True)}
 
 
 def segment_size(tiny: bool) -> int:
@@ -85,7 +89,8 @@ def build_model(name: str, tiny: bool = False, max_positions: int = 1024, seed: 
         from configuration_armt import ARMTConfig
         from modeling_armt import ARMTForCausalLM
 
-        model = ARMTForCausalLM(ARMTConfig(base_config=config, **(TINY_ARMT_KWARGS if tiny else ARMT_KWARGS)))
+        armt_kwargs = {**(TINY_ARMT_KWARGS if tiny else ARMT_KWARGS), **ARMT_OPTIONS.get(name, {})}
+        model = ARMTForCausalLM(ARMTConfig(base_config=config, **armt_kwargs))
         with torch.no_grad():
             for layer in model.memory_layers:
                 layer.value_proj.weight.normal_(0.0, 0.02)
@@ -122,13 +127,20 @@ class FlopModel:
     d_mem: int = 0
     d_key: int = 0
     per_token_extra: int = 0  # mamba: conv + scan FLOPs per token
+    window: int = 0  # previous_segment_window: the segment size (each layer also attends to the previous segment)
+    sink: int = 0  # use_sink: one more token before every segment
 
     def call(self, tokens: int, context: int, write: bool = False, read: bool = True, logits: int = 1) -> float:
-        """FLOPs of one forward over `tokens` new tokens after `context` cached ones (same segment / KV cache)."""
-        n = tokens + (self.mem_tokens if write else 0)
+        """FLOPs of one forward over `tokens` new tokens after `context` cached ones (same segment / KV cache); with
+        the window, `read` says that a previous segment exists."""
+        sink = self.sink if context == 0 else 0
+        n = sink + tokens + (self.mem_tokens if write else 0)
         flops = 2 * self.linear * n + 2 * self.head * logits + self.per_token_extra * n
         if self.kind != "mamba":
             pairs = n * context + n * (n + 1) / 2  # causal query-key pairs
+            if self.window and read:  # token i sees the window's keys j >= i, memory tokens all of them
+                pairs += sum(max(0, self.window - i) for i in range(context, context + tokens))
+                pairs += self.window * (self.mem_tokens if write else 0)
             flops += 4 * self.attn_width * pairs * self.layers
         if self.kind == "armt":
             if read:  # q = phi(W_q h); q A; q z for every position, every layer
@@ -152,6 +164,7 @@ def flop_model(name: str, model: nn.Module) -> FlopModel:
         return FlopModel(
             kind, _linear_params(backbone, (head_module,)), head_module.weight.numel(), cfg.num_hidden_layers,
             heads * head_dim, cfg.num_mem_tokens, cfg.hidden_size, cfg.d_mem, cfg.d_key,
+            window=cfg.segment_size if cfg.previous_segment_window else 0, sink=cfg.num_sink,
         )
     head_module = model.get_output_embeddings()
     cfg = model.config
@@ -174,7 +187,8 @@ def describe(name: str, model: nn.Module) -> dict[str, Any]:
     if kind == "armt":
         memory = sum(p.numel() for p in model.memory_layers.parameters())
         info["memory_params"] = memory + model.memory_embeddings.weight.numel()
-        info["armt"] = {k: getattr(model.config, k) for k in ("num_mem_tokens", "d_mem", "segment_size")}
+        info["armt"] = {k: getattr(model.config, k) for k in ("num_mem_tokens", "d_mem", "segment_size",
+                                                              "previous_segment_window", "use_sink")}
         info["backbone_config"] = model.backbone.config.to_diff_dict()
     else:
         info["backbone_config"] = model.config.to_diff_dict()

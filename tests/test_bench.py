@@ -13,14 +13,16 @@ from conftest import ROOT
 
 def test_bench_smoke_writes_json_markdown_and_plots(tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "bench", "--tiny", "--threads", "1", "--models", "armt-gpt2", "gpt2",
+    cmd = [sys.executable, "-m", "bench", "--tiny", "--threads", "1", "--models", "armt-gpt2", "armt-llama-sw", "gpt2",
            "--lengths", "64", "--quiet", "--output", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     data = json.loads((out / "results.json").read_text())
     assert data["settings"]["threads"] == 1
-    assert {r["summary"]["model"] for r in data["runs"]} == {"armt-gpt2", "gpt2"}
+    assert {r["summary"]["model"] for r in data["runs"]} == {"armt-gpt2", "armt-llama-sw", "gpt2"}
+    windowed = next(r for r in data["runs"] if r["summary"]["model"] == "armt-llama-sw")
+    assert windowed["raw"]["model_info"]["armt"]["previous_segment_window"] is True
     for run in data["runs"]:
         summary = run["summary"]
         assert summary["segments"] == 2 and summary["segment_median_ms"] > 0 and summary["peak_rss_mib"] > 0
@@ -63,6 +65,20 @@ def test_profile_leaves_torch_threads_and_random_state_as_it_found_them(capsys):
     profile.main(["--tiny", "--min-run-time", "0.01", "--context", "8", "--threads", "1", "--models", "armt-gpt2"])
     assert torch.get_num_threads() == 2
     torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
+def test_flops_of_the_sliding_window_count_the_previous_segment_and_the_sink():
+    """A whole segment after the first: token i also attends to the window's keys j >= i (S - i of them), memory
+    tokens to all S; the sink is one more token before the segment."""
+    from bench.models import TINY_ARMT_KWARGS, build_model, flop_model
+
+    plain, windowed = (flop_model(name, build_model(name, tiny=True)) for name in ("armt-llama", "armt-llama-sw"))
+    size, memory = TINY_ARMT_KWARGS["segment_size"], TINY_ARMT_KWARGS["num_mem_tokens"]
+    for read in (False, True):  # the first segment has no window yet
+        sink = plain.call(size + 1, 0, write=True, read=read) - plain.call(size, 0, write=True, read=read)
+        window = (size * (size + 1) / 2 + memory * size) if read else 0
+        extra = sink + 4 * plain.attn_width * plain.layers * window
+        assert windowed.call(size, 0, write=True, read=read) - plain.call(size, 0, write=True, read=read) == extra
 
 
 def test_projection_extrapolates_growth_for_full_attention_only():

@@ -350,3 +350,72 @@ def test_memory_weights_stay_float32_beside_a_bfloat16_backbone(tmp_path):
     ids = random_ids(61, 1, 20)
     with torch.no_grad():
         torch.testing.assert_close(low(ids).logits.float(), model(ids).logits, atol=0.1, rtol=0)
+
+
+def test_hidden_states_streamed_in_chunks_equal_one_forward_without_the_sink():
+    model = window_model("sink")
+    ids = random_ids(model.config.vocab_size, 2, 21)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        cache, parts = model.new_cache(2), []
+        for start in range(0, 21, 4):
+            parts.append(model(ids[:, start : start + 4], attention_mask=mask[:, : start + 4], cache=cache,
+                               output_hidden_states=True, logits_to_keep=1).hidden_states)
+        alone = model(ids[1:, 3:], output_hidden_states=True).hidden_states
+    assert len(full) == model.config.num_hidden_layers + 1 and full[0].shape[1] == 21
+    for layer in range(len(full)):
+        torch.testing.assert_close(torch.cat([part[layer] for part in parts], 1)[mask.bool()],
+                                   full[layer][mask.bool()], atol=1e-5, rtol=0)
+        torch.testing.assert_close(full[layer][1:, 3:], alone[layer], atol=1e-5, rtol=0)
+
+
+def test_packed_rows_equal_each_document_alone():
+    """A document start (positions restarting) drops the row's memory, window and sink: each document reads alone."""
+    model = window_model("sink")
+    docs = [random_ids(61, 1, n, seed=n)[0] for n in (11, 19, 6)]
+    ids = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(doc)) for doc in docs])[None]
+    with torch.no_grad():
+        expected = torch.cat([model(doc[None]).logits[0] for doc in docs])
+        torch.testing.assert_close(model(ids, position_ids=positions).logits[0], expected, atol=1e-5, rtol=0)
+        cache, parts = model.new_cache(1), []
+        for start in range(0, ids.shape[1], 5):
+            parts.append(model(ids[:, start : start + 5], position_ids=positions[:, start : start + 5],
+                               cache=cache).logits)
+    torch.testing.assert_close(torch.cat(parts, 1)[0], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("drafts", ["armt assistant", "prompt lookup"])
+def test_assisted_decoding_after_left_padding_equals_greedy_of_the_row_alone(drafts):
+    """Rows out of step: rejected drafts are cropped column by column (a sink column is no input column)."""
+    model = window_model("sink", segment_size=5)
+    row = random_ids(model.config.vocab_size, 1, 5).repeat(1, 2)
+    ids = torch.cat([torch.zeros(1, 3, dtype=torch.long), row], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(row)], dim=1)
+    options = (dict(assistant_model=window_model("sink", seed=1, segment_size=5)) if drafts == "armt assistant"
+               else dict(prompt_lookup_num_tokens=6))
+    padded = greedy(model, ids, attention_mask=mask)
+    assert torch.equal(padded[:, ids.shape[1] :], greedy(model, row)[:, row.shape[1] :])
+    assert torch.equal(greedy(model, ids, attention_mask=mask, **options), padded)
+
+
+def test_gradient_checkpointing_of_padded_pieces_gives_same_gradients():
+    model = window_model("sink").train()
+    ids = random_ids(model.config.vocab_size, 2, 21)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def run():
+        model.zero_grad()
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    grads = run()
+    model.activation_checkpointing_enable()
+    grads_ckpt = run()
+    assert grads.keys() == grads_ckpt.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -1978,7 +1978,8 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
         row's segment fills, or at the input's end), each a tuple per backbone layer of (batch, heads, piece tokens,
         key/value entries) weights: the queries are the piece's tokens (memory tokens' left out), the keys are the
         current segment's cached entries, then the piece's tokens, then, when the piece ends a segment, the memory
-        tokens (which the piece's tokens do not see).
+        tokens (which the piece's tokens do not see). With `previous_segment_window` the cached entries begin with the
+        previous segment's, and the sink's entry stands before a segment's first tokens.
 
         The input is what the cache has not read: its tokens are read as new ones (`generate()` is what takes a whole
         prompt and reads only the rest). The cache keeps the logits of the last column read (when this forward builds

@@ -419,3 +419,43 @@ def test_gradient_checkpointing_of_padded_pieces_gives_same_gradients():
     assert grads.keys() == grads_ckpt.keys()
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("depth", [None, 1, 2])
+def test_segment_group_loss_of_training_equals_the_plain_loss_and_full_depth_its_gradients(depth):
+    """training.loss.armt_loss reads groups of `depth` segments through one cache (the window crosses each group's
+    start); the loss is the plain forward's, and so are the gradients without truncation. Truncated, the window's
+    keys/values are detached with the memory: each group's backward runs alone, and no gradient reaches the
+    parameters that only earlier groups' tokens and the memory writes use."""
+    from training.loss import armt_loss, shifted_targets
+
+    model = window_model("sink").train()
+    ids = random_ids(model.config.vocab_size, 2, 37)  # 4.6 segments
+    mask = torch.ones_like(ids)
+    mask[1, :8] = 0  # a padded segment: the rows stay in step, so a group of one segment holds no memory read
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :-3:2] = -100  # labels in every segment, not on every token
+    count = int((shifted_targets(labels) != -100).sum())
+
+    def grads():
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    plain = model(ids, attention_mask=mask, labels=labels).loss
+    plain.backward()
+    plain_grads = grads()
+    model.zero_grad()
+    loss, _, _ = armt_loss(model, model, ids, labels, attention_mask=mask, bptt_depth=depth, scale=1 / count,
+                           backward=lambda value: value.backward())
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), plain.detach(), atol=1e-6, rtol=1e-6)
+    group_grads = grads()
+    key = "memory_layers.0.key_proj.weight"  # memory writes: their gradient comes from later segments' reads
+    if depth is None:
+        assert group_grads.keys() == plain_grads.keys()
+        for name in plain_grads:
+            torch.testing.assert_close(group_grads[name], plain_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    elif depth == 1:
+        assert key not in group_grads and key in plain_grads
+    else:
+        assert not torch.allclose(group_grads[key], plain_grads[key])

@@ -66,6 +66,19 @@ def test_without_the_window_the_logits_are_wrong(tmp_path, capsys):
     assert (logits[:, segment:] - expected["logits"][:, segment:]).abs().max() > 1e-2
 
 
+def test_a_window_without_a_sink_and_normalize_features_converts_exactly_or_is_refused(tmp_path, capsys):
+    """The issue's case: a sliding-window folder without a sink, given --normalize-features, once converted with exit 0
+    into a model without the window. src/armt_sw.py's window now converts to its logits; the older code's is refused."""
+    code, err = _convert(["--checkpoint", FIXTURES / "llama_sw_nosink", "--output", tmp_path / "out",
+                          "--normalize-features"], capsys)
+    assert code == 0, err
+    _check_against_golden(tmp_path / "out", "llama_sw_nosink")
+    source = _edited_copy("llama_sw_nosink", tmp_path, drop=("use_sink",), model_type="armt", sliding_window=True)
+    code, err = _convert(["--checkpoint", source, "--output", tmp_path / "out2", "--normalize-features"], capsys)
+    assert code == 2 and "sliding_window=True" in err, err
+    assert not (tmp_path / "out2").exists()
+
+
 def test_sliding_window_enabled_converts_with_the_window_code_beside_it_or_the_flag(tmp_path, capsys):
     """`sliding_window_enabled` (a later revision's spelling) says the window is on, not which window: refused by name
     unless src/armt_sw.py's window code is beside the weights or the flag says so."""
@@ -101,6 +114,9 @@ def test_sliding_window_enabled_false_converts_without_it(tmp_path, capsys):
         ("llama_sw_sink", dict(use_sink=False), ["use_sink=False (a sink token) but the weights hold a `sink`"]),
         ("llama_sw_nosink", dict(use_sink=True), ["use_sink=True (a sink token) but the weights hold no `sink`"]),
         ("llama_sw_sink", dict(model_type="armt", drop=("use_sink",)), ["a `sink` weight (a sink token) without"]),
+        # the same without a sink (what once converted with exit 0 into other math)
+        ("llama_sw_nosink", dict(model_type="armt", sliding_window=True, drop=("use_sink",)),
+         ["sliding_window=True", "inner_loop.py"]),
     ],
 )
 def test_what_has_no_equivalent_is_refused_by_name(case, changes, phrases, tmp_path, capsys):

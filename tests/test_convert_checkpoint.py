@@ -289,6 +289,12 @@ def _bad_source(kind: str, tmp_path: Path) -> tuple[list, list[str]]:
         config.update(use_sink=True, n_heads=2, act_on=True)
         (folder / "config.json").write_text(json.dumps(config))
         return ["--checkpoint", folder], ["use_sink=True", "sink token", "n_heads=2", "act_on=True", "ACT"]
+    if kind == "window_without_sink":  # the older code's sliding window, no sink: once converted silently without it
+        folder = _outer_loop_folder(case, tmp_path / "outer")
+        config = json.loads((folder / "config.json").read_text())
+        config.update(sliding_window=True)
+        (folder / "config.json").write_text(json.dumps(config))
+        return ["--checkpoint", folder], ["sliding_window=True", "--previous-segment-window"]
     if kind == "inner_loop_without_code":
         folder = _inner_loop_folder(case, tmp_path / "inner")
         (folder / "inner_loop.py").unlink()
@@ -323,7 +329,7 @@ def _bad_source(kind: str, tmp_path: Path) -> tuple[list, list[str]]:
 
 
 BAD_INPUTS = ["truncated", "wrong_shape", "missing_keys", "untied_head", "unknown_layout", "forced_wrong_layout",
-              "refused_config_options", "inner_loop_without_code", "refused_vector_gating", "pickled_code", "no_segment_size",
+              "refused_config_options", "window_without_sink", "inner_loop_without_code", "refused_vector_gating", "pickled_code", "no_segment_size",
               "no_backbone", "offline_backbone_id", "output_is_source", "existing_output"]
 
 

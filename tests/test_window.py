@@ -459,3 +459,95 @@ def test_segment_group_loss_of_training_equals_the_plain_loss_and_full_depth_its
         assert key not in group_grads and key in plain_grads
     else:
         assert not torch.allclose(group_grads[key], plain_grads[key])
+
+
+def test_packed_rows_in_step_reset_one_row_and_keep_the_other():
+    """Two rows in step (no padding), after a whole segment: row 0's next document starts in the middle of a segment,
+    row 1 reads on. Each row's logits are those of its documents alone."""
+    model = window_model("sink")
+    docs = [random_ids(61, 1, n, seed=n)[0] for n in (11, 19)]
+    other = random_ids(61, 1, 30, seed=7)[0]
+    ids = torch.stack([torch.cat(docs), other])
+    positions = torch.stack([torch.cat([torch.arange(len(doc)) for doc in docs]), torch.arange(30)])
+    with torch.no_grad():
+        expected = [torch.cat([model(doc[None]).logits[0] for doc in docs]), model(other[None]).logits[0]]
+        for chunk in (30, 4):
+            cache, parts = model.new_cache(2), []
+            for start in range(0, 30, chunk):
+                parts.append(model(ids[:, start : start + chunk], position_ids=positions[:, start : start + chunk],
+                                   cache=cache).logits)
+            logits = torch.cat(parts, 1)
+            for row in range(2):
+                torch.testing.assert_close(logits[row], expected[row], atol=1e-5, rtol=0)
+
+
+def prefill(model, ids, read, mask=None, chunk=8):
+    """A cache that has read the first `read` columns of `ids`, in chunks."""
+    cache = model.new_cache(ids.shape[0])
+    with torch.no_grad():
+        for start in range(0, read, chunk):
+            end = min(start + chunk, read)
+            model(ids[:, start:end], cache=cache, logits_to_keep=1,
+                  attention_mask=None if mask is None else mask[:, :end])
+    return cache
+
+
+@pytest.mark.parametrize(("length", "read"), [(16, 16), (15, 15), (17, 17), (19, 16), (19, 15), (19, 17), (25, 9)])
+@pytest.mark.parametrize("name", ["sink", "no_sink"])
+def test_generate_from_a_prefilled_cache_equals_generate_from_a_fresh_one(name, length, read):
+    """The cache has read all of the prompt or a part, at, just before or just after a segment's end: generate() reads
+    only the rest (after checking the fingerprint of what the cache read: the window's and the sink's entries are no
+    tokens of it) and gives the fresh cache's tokens."""
+    model = window_model(name)
+    ids = random_ids(model.config.vocab_size, 2, length, seed=length)
+    expected = greedy(model, ids, max_new_tokens=20, eos_token_id=None)
+    cache = prefill(model, ids, read)
+    assert torch.equal(greedy(model, ids, cache=cache, max_new_tokens=20, eos_token_id=None), expected)
+    with pytest.raises(ValueError, match="not the tokens this cache has read"):
+        greedy(model, ids.flip(1), cache=prefill(model, ids, read), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("read", [19, 18, 16, 15, 11])
+def test_a_left_padded_batch_and_assisted_decoding_after_a_prefill_equal_generate_from_a_fresh_cache(read):
+    model, assistant = window_model("sink", seed=0), window_model("sink", seed=1)
+    lengths = [19, 12, 7]
+    batch = torch.zeros(len(lengths), 19, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, n in enumerate(lengths):
+        batch[i, 19 - n :] = random_ids(model.config.vocab_size, 1, n, seed=i)
+        mask[i, 19 - n :] = 1
+    expected = greedy(model, batch, attention_mask=mask, max_new_tokens=20, eos_token_id=None)
+    cache = prefill(model, batch, read, mask=mask)
+    assert torch.equal(greedy(model, batch, attention_mask=mask, cache=cache, max_new_tokens=20, eos_token_id=None),
+                       expected)
+    row = random_ids(model.config.vocab_size, 1, 5).repeat(1, 4)[:, :19]  # repetitive: prompt lookup drafts
+    expected = greedy(model, row, max_new_tokens=20, eos_token_id=None)
+    for drafts in (dict(prompt_lookup_num_tokens=4), dict(assistant_model=assistant)):
+        cache = prefill(model, row, read)
+        assert torch.equal(greedy(model, row, cache=cache, max_new_tokens=20, eos_token_id=None, **drafts), expected)
+
+
+def test_the_fingerprint_counts_the_real_tokens_read_whatever_the_window_holds(tmp_path):
+    """The windowed cache's fingerprint is the one a cache without the window keeps of the same columns: with left
+    padding, after a crop back across memory writes, after a row's new document and after save/load."""
+    model, plain = window_model("sink"), tiny_armt("llama", backbone=dict(num_hidden_layers=3))
+    ids = random_ids(model.config.vocab_size, 2, 30)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    for end in (8, 16, 19, 30):
+        assert torch.equal(prefill(model, ids, end, mask, chunk=5).fingerprint(),
+                           prefill(plain, ids, end, mask, chunk=5).fingerprint())
+    with torch.no_grad():
+        cache = prefill(model, ids, 11, mask)
+        cache.activate_past_recording()
+        model(ids[:, 11:29], attention_mask=mask[:, :29], cache=cache)  # row 0's segment ends at 16 and 24
+        cache.crop(13)
+    assert torch.equal(cache.fingerprint(), prefill(plain, ids, 13, mask).fingerprint())
+    positions = torch.stack([torch.cat([torch.arange(11), torch.arange(19)]), torch.arange(30)])
+    with torch.no_grad():
+        packed = model.new_cache(2)
+        model(ids, position_ids=positions, cache=packed)
+    assert torch.equal(packed.fingerprint(), prefill(plain, ids, 30).fingerprint())
+    prefill(model, ids, 19, mask).save(tmp_path / "cache.safetensors")
+    loaded = ARMTCache.load(tmp_path / "cache.safetensors", model.config)
+    assert torch.equal(loaded.fingerprint(), prefill(plain, ids, 19, mask).fingerprint())

@@ -780,3 +780,16 @@ def test_init_from_an_armt_folder_without_code_copies_uses_this_repository_code(
     assert type(again.model) is modeling_armt.ARMTForCausalLM and again.train_dataset.task.segment_size == 48
     for name, value in first.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[name], value), name
+
+
+def test_the_run_kept_in_the_repository_resumes_with_its_own_segments_and_weights(tmp_path):
+    """training/runs/qa1-seg32 (weights, config, tokenizer; no code) is what the next sitting starts from."""
+    folder = ROOT / "training" / "runs" / "qa1-seg32"
+    kept = modeling_armt.ARMTForCausalLM.from_pretrained(folder)
+    again = run(["--task", "babilong", "--babilong-task", "qa1", "--haystack", "synthetic", "--init-from", str(folder),
+                 "--curriculum", "2", "--max-steps", "1", "--batch-size", "1", "--learning-rate", "0",
+                 "--save-strategy", "no", "--output-dir", str(tmp_path / "again")])
+    assert again.train_dataset.task.segment_size == kept.config.segment_size == 32
+    assert again.model.config.num_mem_tokens == 8 and again.model.config.d_mem == 32
+    for name, value in kept.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], value), name

@@ -97,8 +97,10 @@ class ARMTMemoryLayer(nn.Module):
         """y = phi(W_q h) A / (phi(W_q h) . z + eps) (no division without a denominator); returns h + y in h's
         dtype."""
         projected = self.query_proj(hidden_states.to(self.query_proj.weight.dtype))
+        # under a device_map, accelerate's hooks run W_q on this layer's device, where its A and z live (new_cache)
+        h = hidden_states.to(projected.device)
         with torch.autocast(A.device.type, enabled=False):  # A and z stay in the memory dtype under autocast
-            return self._read(hidden_states, self.features(projected), A, z)  # q: (B, T, d_key)
+            return self._read(h, self.features(projected), A, z).to(hidden_states.device)  # q: (B, T, d_key)
 
     def _read(self, hidden_states: torch.Tensor, q: torch.Tensor, A: torch.Tensor, z: torch.Tensor | None):
         if z is None:
@@ -120,7 +122,9 @@ class ARMTMemoryLayer(nn.Module):
         k, v, b = self.key_proj(memory_states), self.value_proj(memory_states), self.beta_proj(memory_states)
         with torch.autocast(A.device.type, enabled=False):  # A and z stay in the memory dtype under autocast
             # k: (B, M, d_key), v: (B, M, d_model), beta: (B, M, 1)
-            return self._write(self.features(k), v.to(A.dtype), torch.sigmoid(b.to(A.dtype)), A, z, written)
+            return self._write(
+                self.features(k), v.to(A.dtype), torch.sigmoid(b.to(A.dtype)), A, z, written.to(A.device)
+            )
 
     def _write(self, k, v, beta, A, z, written) -> tuple[torch.Tensor, torch.Tensor | None]:
         was_written = written.view(-1, 1, 1)
@@ -382,17 +386,19 @@ class ARMTCache(Cache):
     `get_seq_length()` is the number of columns (tokens, padding included) seen, as `generate()` expects.
     """
 
-    def __init__(self, config: ARMTConfig, batch_size: int, device: torch.device | str | None = None):
+    def __init__(self, config: ARMTConfig, batch_size: int, device: torch.device | str | None = None,
+                 memory_devices: list[torch.device] | None = None):
+        """`memory_devices`: per memory layer, where its A and z live (default `device`, which holds the rest)."""
         if batch_size < 1:
             raise ValueError(f"ARMTCache batch_size must be >= 1, got {batch_size}.")
         d_key, d_model = config.d_key, config.hidden_size
         dtype = getattr(torch, config.memory_dtype)
         layers = [
             ARMTCacheLayer(
-                torch.zeros(batch_size, d_key, d_model, device=device, dtype=dtype),
-                torch.zeros(batch_size, d_key, device=device, dtype=dtype) if config.use_denominator else None,
+                torch.zeros(batch_size, d_key, d_model, device=layer_device, dtype=dtype),
+                torch.zeros(batch_size, d_key, device=layer_device, dtype=dtype) if config.use_denominator else None,
             )
-            for _ in config.memory_layer_indices
+            for layer_device in memory_devices or [device] * len(config.memory_layer_indices)
         ]
         super().__init__(layers=layers)
         self.memory_layer_indices = config.memory_layer_indices
@@ -1436,9 +1442,10 @@ def _memory_write_hook(injector, idx, module, args, kwargs, output):
     A, z = step.A[idx], step.z[idx]
     new_A, new_z = step.memory_layers[idx].write(hidden_states[:, -step.num_memory :], A, z, step.written)
     if step.write_rows is not None:
-        new_A = torch.where(step.write_rows.view(-1, 1, 1), new_A, A)
+        rows = step.write_rows.to(new_A.device)
+        new_A = torch.where(rows.view(-1, 1, 1), new_A, A)
         if z is not None:
-            new_z = torch.where(step.write_rows.view(-1, 1), new_z, z)
+            new_z = torch.where(rows.view(-1, 1), new_z, z)
     step.new_A[idx], step.new_z[idx] = new_A, new_z
     return None
 
@@ -1448,8 +1455,17 @@ def _position_rows_hook(injector, module, args, output):
     step = _current_step(injector)
     if step is None or not step.num_memory or step.position_module is not module:
         return None
-    rows = step.memory_positions.to(output.dtype).expand(output.shape[0], -1, -1)
+    rows = step.memory_positions.to(output.device, output.dtype).expand(output.shape[0], -1, -1)
     return torch.cat([output[:, : -step.num_memory], rows], dim=1)
+
+
+def _execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: under a device_map, the execution device of its accelerate hook (its weights may be
+    offloaded to the CPU or to disk, the meta device here); else the device of its first parameter."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    return next(module.parameters()).device
 
 
 def find_decoder_layers(backbone: PreTrainedModel) -> nn.ModuleList:
@@ -1543,6 +1559,8 @@ class ARMTPreTrainedModel(PreTrainedModel):
     config_class = ARMTConfig
     base_model_prefix = "armt"
     supports_gradient_checkpointing = True
+    # a device_map keeps each memory layer's projections together (the backbone adds its decoder-layer class)
+    _no_split_modules = ["ARMTMemoryLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -1576,8 +1594,11 @@ class ARMTPreTrainedModel(PreTrainedModel):
             return
         std = getattr(self.config.base_config, "initializer_range", 0.02)
         if module is self.memory_embeddings:
-            word_std = self.backbone.get_input_embeddings().weight.float().std().item()
-            init.normal_(module.weight, 0.0, word_std)
+            # std of the word embeddings, read only when the memory tokens need it: a loaded weight (flagged), or one
+            # offloaded to disk by a device_map (meta here; its value is in the offload folder), is left alone
+            if not getattr(module.weight, "_is_hf_initialized", False) and not module.weight.is_meta:
+                words = self.backbone.get_input_embeddings().weight
+                init.normal_(module.weight, 0.0, std if words.is_meta else words.float().std().item())
         elif module is self.memory_position_embeddings or module is self.sink_embedding:
             init.normal_(module.weight, 0.0, std)
         for layer in self.memory_layers:
@@ -1708,8 +1729,27 @@ class ARMTModel(ARMTPreTrainedModel):
         self.backbone.set_output_embeddings(value)
 
     def new_cache(self, batch_size: int) -> ARMTCache:
-        """An empty ARMTCache for `batch_size` independent streams on this model's device."""
-        return ARMTCache(self.config, batch_size, device=self.memory_embeddings.weight.device)
+        """An empty ARMTCache for `batch_size` independent streams on this model's device (under a device_map: each
+        memory layer's A and z on that layer's device, the rest where the inputs go)."""
+        return ARMTCache(self.config, batch_size, device=self._input_device(), memory_devices=self._memory_devices())
+
+    def _input_device(self) -> torch.device:
+        """Where the inputs are read, and positions, masks and the cache's counters made: the model's device, or
+        under a device_map the execution device of the model's accelerate hook."""
+        if getattr(self, "_hf_hook", None) is not None:
+            return _execution_device(self)
+        return self.memory_embeddings.weight.device
+
+    def _index_device(self) -> torch.device:
+        """Where position indices into the backbone's outputs go: the model's device; under a device_map the CPU (the
+        final hidden states may lie on another device than the inputs, and CPU indices index tensors on any device)."""
+        if getattr(self, "_hf_hook", None) is not None:
+            return torch.device("cpu")
+        return self.memory_embeddings.weight.device
+
+    def _memory_devices(self) -> list[torch.device]:
+        """Per memory layer, the device it computes on (its A and z live there)."""
+        return [_execution_device(layer) for layer in self.memory_layers]
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length: int) -> None:
         if (input_ids is None) == (inputs_embeds is None):
@@ -1764,6 +1804,10 @@ class ARMTModel(ARMTPreTrainedModel):
         else:
             cache.check_compatible(self.config, batch_size)
             use_cache = True  # a cache the caller holds must stay consistent with what it has seen
+            if getattr(self, "hf_device_map", None) is not None:  # e.g. a loaded cache: A and z beside their layers
+                for layer, device in zip(cache.layers, self._memory_devices()):
+                    layer.A = layer.A.to(device)
+                    layer.z = None if layer.z is None else layer.z.to(device)
         real = None  # (B, length) CPU bool: which columns are real tokens; None when all are
         if attention_mask is not None:
             real = attention_mask[:, -length:].bool().cpu()
@@ -1775,7 +1819,7 @@ class ARMTModel(ARMTPreTrainedModel):
         document starts: `starts`, where that row's memory is reset); `run(start, end, embeds, piece, A, z)` makes one
         backbone call and returns (output or None, A, z). Returns the outputs."""
         length = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
-        device = self.memory_embeddings.weight.device
+        device = self._input_device()
         outputs, start = [], 0
         while start < length:
             if starts is not None and bool(starts[:, start].any()):
@@ -1814,9 +1858,11 @@ class ARMTModel(ARMTPreTrainedModel):
         the piece's tokens) and the memory state after the call. `outputs` collects hidden states / attentions."""
         num_memory = self.config.num_mem_tokens if piece.write else 0
         if piece.write:
-            embeds = torch.cat([embeds, self.memory_embeddings(embeds.shape[0], embeds.dtype)], dim=1)
+            memory = self.memory_embeddings(embeds.shape[0], embeds.dtype).to(embeds.device)  # device_map: may differ
+            embeds = torch.cat([embeds, memory], dim=1)
         if piece.sink:
-            embeds = torch.cat([self.sink_embedding(embeds.shape[0], embeds.dtype), embeds], dim=1)
+            sink = self.sink_embedding(embeds.shape[0], embeds.dtype).to(embeds.device)
+            embeds = torch.cat([sink, embeds], dim=1)
             keep = None if keep is None else keep + piece.sink
         memory_positions = None
         if piece.write and self.memory_position_embeddings is not None:
@@ -1836,7 +1882,7 @@ class ARMTModel(ARMTPreTrainedModel):
                 result = self.backbone.base_model(**inputs)
                 output = result.last_hidden_state[:, piece.sink : piece.sink + piece.num_tokens]
             else:
-                empty = torch.empty(0, dtype=torch.long, device=embeds.device)
+                empty = torch.empty(0, dtype=torch.long, device=self._index_device())
                 result = self.backbone(**inputs, logits_to_keep=keep if keep is not None else empty)
                 output = result.logits if keep is not None else None
         if outputs is not None:
@@ -2008,7 +2054,7 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
                 f"ARMT builds logits for all {length} positions of this input (logits_to_keep=0): pass "
                 "logits_to_keep=1 (or the positions you need) to keep memory flat on long inputs."
             )
-        device = self.memory_embeddings.weight.device
+        device = self._index_device()
         static = None if outputs is not None else self._static_decode_cache(cache, real, length, labels, logits_to_keep)
         logits = None if static is None else self._static_decode(input_ids, inputs_embeds, cache, static)
         last_column = True  # the logits end with every row's last column
@@ -2032,9 +2078,10 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
 
             pieces = self._stream(input_ids, inputs_embeds, real, cache, use_cache, run, starts)
             vocab = self.get_output_embeddings().out_features
-            logits = torch.cat(pieces, dim=1) if pieces else self.memory_embeddings.weight.new_zeros(batch_size, 0, vocab)
+            logits = torch.cat(pieces, dim=1) if pieces else self.memory_embeddings.weight.new_zeros(
+                batch_size, 0, vocab, device=self._input_device())
             if isinstance(logits_to_keep, int) and logits_to_keep > length and kept is not None:
-                logits = torch.cat([kept.unsqueeze(1).to(logits.dtype), logits], dim=1)
+                logits = torch.cat([kept.unsqueeze(1).to(logits.device, logits.dtype), logits], dim=1)
             last_column = bool(keep_mask[-1])
         if use_cache and last_column:
             cache.last_logits = logits[:, -1].detach().clone()  # a copy: the caller may change its logits in place
@@ -2200,7 +2247,7 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
         pairs = pairs.cpu()
         head = self.get_output_embeddings()
         plain = self.config.base_config.model_type in PLAIN_HEAD_MODELS
-        device = self.memory_embeddings.weight.device
+        device = self._index_device()
         order = []
 
         def run(start, end, embeds, piece, A, z):
@@ -2219,7 +2266,7 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
 
         pieces = self._stream(input_ids, inputs_embeds, real, cache, use_cache, run, starts)
         if not pieces:
-            return self.memory_embeddings.weight.new_zeros(0, head.out_features)
+            return self.memory_embeddings.weight.new_zeros(0, head.out_features, device=self._input_device())
         return torch.cat(pieces)[torch.cat(order).argsort().to(device)]
 
 

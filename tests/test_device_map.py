@@ -96,7 +96,7 @@ def test_a_cache_saved_from_an_offloaded_model_continues_in_either_placement(mod
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_layers_spread_over_two_gpus_keep_their_state_beside_them_and_compute_the_same(folder):
+def test_layers_spread_over_two_gpus_keep_their_state_beside_them_and_compute_the_same(folder, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval().to("cuda:0")
     layers = BACKBONE["num_hidden_layers"]
     device_map = {"backbone.model.embed_tokens": 0, "backbone.model.rotary_emb": 0, "backbone.model.norm": 1,
@@ -113,3 +113,11 @@ def test_layers_spread_over_two_gpus_keep_their_state_beside_them_and_compute_th
     prompt = ids(13).to("cuda:0")
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(spread.generate(prompt, **kwargs).to("cuda:0"), plain.generate(prompt, **kwargs))
+    with torch.no_grad():  # a cache saved by the model in one place and loaded on the CPU moves beside the layers
+        cache = plain.new_cache(2)
+        plain(tokens[:, :12], cache=cache)
+        cache.save(tmp_path / "cache.safetensors")
+        expected = plain(tokens[:, 12:], cache=cache).logits
+        loaded = sys.modules[type(spread).__module__].ARMTCache.load(tmp_path / "cache.safetensors", spread.config)
+        torch.testing.assert_close(spread(tokens[:, 12:], cache=loaded).logits.to("cuda:0"), expected, rtol=0,
+                                   atol=1e-5)

@@ -203,6 +203,12 @@ class ARMTSegmentLayer(DynamicLayer):
         super().crop(tokens_to_remove)
         self.length = self.get_seq_length()
 
+    def move_to(self, device: torch.device) -> None:
+        """Keep the keys/values on `device` (that of the backbone layer, under a device_map)."""
+        if self.is_initialized and self.keys.device != device:
+            self.keys, self.values = self.keys.to(device), self.values.to(device)
+            self._keys = self._values = None  # the next update allocates its buffers there
+
     def static_view(self, fill: torch.Tensor) -> "ARMTStaticSegmentLayer | None":
         """This layer's buffers as a fixed-shape layer writing at `fill`, or None when they hold no buffer (the
         segment's first token, or rows reordered since)."""
@@ -1751,6 +1757,20 @@ class ARMTModel(ARMTPreTrainedModel):
         """Per memory layer, the device it computes on (its A and z live there)."""
         return [_execution_device(layer) for layer in self.memory_layers]
 
+    def _place_cache(self, cache: ARMTCache) -> None:
+        """Under a device_map, move a cache made elsewhere (`ARMTCache.load`, another placement) beside the layers:
+        A and z to their memory layers' devices, the segment's keys/values to their decoder layers', the rest to the
+        input device (no copy for what is in place already)."""
+        for layer, device in zip(cache.layers, self._memory_devices()):
+            layer.A = layer.A.to(device)
+            layer.z = None if layer.z is None else layer.z.to(device)
+        for layer, decoder_layer in zip(cache.segment_cache.layers, self.memory_injector.decoder_layers):
+            layer.move_to(_execution_device(decoder_layer))
+        device = self._input_device()
+        cache.memory_written = cache.memory_written.to(device)
+        if cache.segment_mask is not None:
+            cache.segment_mask = cache.segment_mask.to(device)
+
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length: int) -> None:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -1804,10 +1824,8 @@ class ARMTModel(ARMTPreTrainedModel):
         else:
             cache.check_compatible(self.config, batch_size)
             use_cache = True  # a cache the caller holds must stay consistent with what it has seen
-            if getattr(self, "hf_device_map", None) is not None:  # e.g. a loaded cache: A and z beside their layers
-                for layer, device in zip(cache.layers, self._memory_devices()):
-                    layer.A = layer.A.to(device)
-                    layer.z = None if layer.z is None else layer.z.to(device)
+            if getattr(self, "hf_device_map", None) is not None:
+                self._place_cache(cache)
         real = None  # (B, length) CPU bool: which columns are real tokens; None when all are
         if attention_mask is not None:
             real = attention_mask[:, -length:].bool().cpu()

@@ -3,6 +3,8 @@
     python train.py --task babilong --babilong-task qa1 --haystack austen --output-dir outputs/train/qa1
     python train.py --task ar --ar-task rewrite --key-size 1 --value-size 1 --segment-size 4 --output-dir DIR
     accelerate launch train.py ...   # the same script, any number of processes / GPUs
+    accelerate launch --config_file training/accelerate/fsdp2.yaml train.py ...   # sharded: FSDP2, or
+                                    # deepspeed_zero2.yaml / deepspeed_zero3.yaml (README, "Beyond one machine")
 
 Options: train.py's own (ARMTArguments: data, curriculum, model) and every TrainingArguments option, read by
 HfArgumentParser (--learning_rate or --learning-rate). Earlier names still work: --batch-size, --eval-batch-size,
@@ -22,12 +24,13 @@ groups of K counted from the end and detaches the memory between groups: gradien
 (for an answer at the end, exactly the last K). Each group's loss is backpropagated as soon as it is computed, and
 groups before the first answer token run without a graph. --gradient-checkpointing recomputes each segment in the
 backward pass. On a machine without GPUs, `accelerate launch --multi_gpu --num_processes N` runs N CPU processes
-over gloo.
+over gloo (with an FSDP or DeepSpeed config too).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -260,9 +263,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainingArgu
         training["data_seed"] = training["seed"]
     if not torch.cuda.is_available():
         training["dataloader_pin_memory"] = False
-    # `accelerate launch --multi_gpu` / torchrun on a machine without an accelerator: processes on CPU, gloo
+    # `accelerate launch` / torchrun on a machine without an accelerator: processes on CPU over gloo (accelerate's CPU
+    # processes for data parallelism and FSDP, see ARMTTrainer; DeepSpeed takes the backend by name)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-        training["use_cpu"] = True
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            training["ddp_backend"] = training["ddp_backend"] or "gloo"
+        else:
+            training["use_cpu"] = True
     if training["bf16"] and not torch.accelerator.is_available():  # bf16 autocast on the CPU
         training["use_cpu"] = True
     try:
@@ -287,9 +294,11 @@ def parse_layers(value: str) -> list[int]:
     return sorted(layers)
 
 
-# a checkpoint holds one of these; the Trainer writes trainer_state.json last (after weights, optimizer and RNG states)
+# a checkpoint holds one of these; the Trainer writes trainer_state.json last (after weights, optimizer and RNG states).
+# FSDP's sharded weights: torch.distributed.checkpoint writes .metadata after every process's shard; DeepSpeed writes
+# `latest` after its global_step folder.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+                "pytorch_model.bin.index.json", "pytorch_model_fsdp_0/.metadata", "latest")
 
 
 def checkpoints(output: Path) -> list[Path]:
@@ -383,7 +392,8 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
     checkpoint = resume_checkpoint(args, training_args.output_dir)
     seed = training_args.seed
     take_armt_settings(args)
-    backbone, backbone_tokenizer = load_backbone(args.init_from, with_tokenizer=args.tokenizer is None)
+    with whole_models(training_args):
+        backbone, backbone_tokenizer = load_backbone(args.init_from, with_tokenizer=args.tokenizer is None)
     task, tokenizer, data_vocab, eos = build_task(args, seed, backbone_tokenizer)
     vocab_size = args.vocab_size or data_vocab
     if vocab_size < data_vocab:
@@ -414,7 +424,8 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
                          "memory": FixedDataset(memory_only, args.eval_memory_only, args.eval_samples, seed)}
 
     set_seed(seed)
-    model = build_model(args, vocab_size, eos, backbone)
+    with whole_models(training_args):
+        model = build_model(args, vocab_size, eos, backbone)
     if args.no_memory:
         for layer in model.memory_layers:
             layer.value_proj.weight.data.zero_()
@@ -440,6 +451,9 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
         settings = {k: v for k, v in vars(args).items() if not k.endswith("_given")}
         settings["training"] = training_args.to_dict()
         (Path(training_args.output_dir) / "train_args.json").write_text(json.dumps(settings, indent=2) + "\n")
+    if args.lora_r and sharded_parameters(trainer):
+        raise TrainError("--lora-r keeps the whole model on every process (it merges the adapter into it at the end): "
+                         "run it with plain data parallelism or DeepSpeed ZeRO-2, not FSDP or ZeRO-3.")
     trainer.train(resume_from_checkpoint=checkpoint)
     final_dir = args.final_dir or training_args.output_dir
     if args.lora_r:  # a full folder that loads alone (checkpoints hold the adapter and the memory parameters)
@@ -448,10 +462,57 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
             if tokenizer is not None:
                 tokenizer.save_pretrained(final_dir)
     else:
-        trainer.save_model(final_dir)
+        save_final_model(trainer, final_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="ARMT training: final model")
     return trainer
+
+
+@contextlib.contextmanager
+def whole_models(training_args: TrainingArguments):
+    """Under DeepSpeed ZeRO-3, transformers builds every model already partitioned (deepspeed.zero.Init); train.py
+    builds whole ones (a backbone's weights are copied into the ARMT, the memory tokens' init reads the word
+    embeddings), which the Trainer partitions when it prepares the model."""
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def sharded_parameters(trainer: ARMTTrainer) -> bool:
+    """Whether each process holds only a shard of the parameters (FSDP, DeepSpeed ZeRO-3)."""
+    deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return trainer.is_fsdp_enabled or (deepspeed is not None and deepspeed.zero_stage == 3)
+
+
+def save_final_model(trainer: ARMTTrainer, final_dir: str) -> None:
+    """The final model as one folder that loads with from_pretrained: the Trainer's `save_model`, except under FSDP
+    (which writes nothing there with sharded checkpoints): the weights are gathered to process 0 (every process takes
+    part), which writes the folder."""
+    if getattr(trainer.accelerator.state, "fsdp_plugin", None) is None:
+        trainer.save_model(final_dir)
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.args.should_save:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        sharded_class = type(model)  # FSDP2 makes the model an instance of FSDP<its class>, defined in torch
+        model.__class__ = next(c for c in sharded_class.__mro__ if not issubclass(c, FSDPModule))
+        try:  # saved as its own class: config.json's auto_map and the code files are ARMT's, not torch's
+            model.save_pretrained(final_dir, state_dict=state_dict)
+        finally:
+            model.__class__ = sharded_class
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(final_dir)
+    trainer.accelerator.wait_for_everyone()
 
 
 def main(argv: list[str] | None = None) -> ARMTTrainer | None:

@@ -11,6 +11,9 @@ from contextlib import nullcontext
 try:  # Ctrl-C while torch loads: exit 130 without a traceback
     import torch
     import torch.nn.functional as F
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
+    from torch.distributed.tensor import DTensor
     from torch.utils.data import SequentialSampler
     from transformers import EvalPrediction, Trainer, TrainerCallback
 
@@ -104,7 +107,14 @@ class SkipNonFiniteSteps(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+        if not grads:
+            return
+        sharded = isinstance(grads[0], DTensor)  # FSDP: each process sees its shards; all of them decide together
+        finite = torch.stack([(g.to_local() if sharded else g).isfinite().all() for g in grads]).all()
+        if sharded:
+            finite = finite.int()
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if bool(finite):
             self.in_a_row = 0
             return
         for p in model.parameters():
@@ -133,6 +143,20 @@ class ARMTTrainer(Trainer):
         self.bptt_depth = bptt_depth
         self.curriculum = curriculum
         self.memory_lr_scale = memory_lr_scale
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; `accelerate launch` with an FSDP config on a machine without GPUs (CPU
+        processes over gloo, which accelerate runs as plain data parallelism) gets FSDP as on GPUs."""
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+            # both shared states: a later AcceleratorState() copies PartialState's over its own
+            PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from accelerate launch's FSDP_* variables
+            self.is_fsdp_enabled = True
+            if state.fsdp_plugin.activation_checkpointing and self.args.activation_checkpointing:
+                raise TrainError("FSDP's activation checkpointing (per decoder layer) and --gradient-checkpointing (per "
+                                 "segment) cannot both be on: choose one.")
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer; with `memory_lr_scale` != 1, the memory parameters (MEMORY_PARAMETERS) move to

@@ -97,10 +97,13 @@ class ARMTMemoryLayer(nn.Module):
         """y = phi(W_q h) A / (phi(W_q h) . z + eps) (no division without a denominator); returns h + y in h's
         dtype."""
         projected = self.query_proj(hidden_states.to(self.query_proj.weight.dtype))
-        # under a device_map, accelerate's hooks run W_q on this layer's device, where its A and z live (new_cache)
-        h = hidden_states.to(projected.device)
-        with torch.autocast(A.device.type, enabled=False):  # A and z stay in the memory dtype under autocast
-            return self._read(h, self.features(projected), A, z).to(hidden_states.device)  # q: (B, T, d_key)
+        # Under a device_map, accelerate's hooks run each projection on its own device; the read runs on W_q's. A and
+        # z live on W_k's (where writes make them): copied only when a device_map has put the two apart.
+        device = projected.device
+        A, z = A.to(device), None if z is None else z.to(device)
+        with torch.autocast(device.type, enabled=False):  # A and z stay in the memory dtype under autocast
+            read = self._read(hidden_states.to(device), self.features(projected), A, z)  # q: (B, T, d_key)
+        return read.to(hidden_states.device)
 
     def _read(self, hidden_states: torch.Tensor, q: torch.Tensor, A: torch.Tensor, z: torch.Tensor | None):
         if z is None:
@@ -119,12 +122,13 @@ class ARMTMemoryLayer(nn.Module):
         `written` (B,) marks the rows whose memory already holds something; the others use vbar = 0, gamma = 1.
         """
         memory_states = memory_states.to(self.key_proj.weight.dtype)  # float32 with memory_weights_dtype="float32"
-        k, v, b = self.key_proj(memory_states), self.value_proj(memory_states), self.beta_proj(memory_states)
-        with torch.autocast(A.device.type, enabled=False):  # A and z stay in the memory dtype under autocast
+        k = self.key_proj(memory_states)
+        device = k.device  # under a device_map, W_k's (see `read`)
+        v, b = self.value_proj(memory_states).to(device), self.beta_proj(memory_states).to(device)
+        A, z = A.to(device), None if z is None else z.to(device)
+        with torch.autocast(device.type, enabled=False):  # A and z stay in the memory dtype under autocast
             # k: (B, M, d_key), v: (B, M, d_model), beta: (B, M, 1)
-            return self._write(
-                self.features(k), v.to(A.dtype), torch.sigmoid(b.to(A.dtype)), A, z, written.to(A.device)
-            )
+            return self._write(self.features(k), v.to(A.dtype), torch.sigmoid(b.to(A.dtype)), A, z, written.to(device))
 
     def _write(self, k, v, beta, A, z, written) -> tuple[torch.Tensor, torch.Tensor | None]:
         was_written = written.view(-1, 1, 1)
@@ -1498,18 +1502,31 @@ class ARMTMemoryInjector:
     def __init__(self, backbone: PreTrainedModel, memory_layers: nn.ModuleList, config: ARMTConfig):
         self.memory_layers = memory_layers
         self.decoder_layers = find_decoder_layers(backbone)
-        self.layers = [self.decoder_layers[i] for i in config.memory_layer_indices]
+        self.layer_indices = config.memory_layer_indices
         self.traced_step: _MemoryStep | None = None  # set by `traced()` around a compiled call only
-        self.handles = []
-        for idx, layer in enumerate(self.layers):
-            read, write = partial(_memory_read_hook, self, idx), partial(_memory_write_hook, self, idx)
-            self.handles.append(layer.register_forward_pre_hook(read, with_kwargs=True))
-            self.handles.append(layer.register_forward_hook(write, with_kwargs=True))
+        self.layers, self.handles = [], []
+        self.follow_wrappers()
         self.position_module = None
         if config.wrap_pos:
             table = LEARNED_POSITION_TABLES[config.base_config.model_type][1]
             self.position_module = getattr(backbone.base_model, table)
-            self.handles.append(self.position_module.register_forward_hook(partial(_position_rows_hook, self)))
+            self.position_handle = self.position_module.register_forward_hook(partial(_position_rows_hook, self))
+
+    def follow_wrappers(self) -> None:
+        """Hook the modules that the backbone calls as its decoder layers. A wrapper that has replaced a layer in the
+        list takes its hooks over: FSDP's activation checkpointing (`fsdp_activation_checkpointing`) puts each layer in
+        a CheckpointWrapper, whose recomputation in the backward pass runs outside any memory step; hooked outside it,
+        the memory read and write are computed once and kept, and only the layer itself is recomputed (exact)."""
+        current = [self.decoder_layers[i] for i in self.layer_indices]
+        if len(current) == len(self.layers) and all(a is b for a, b in zip(current, self.layers)):
+            return
+        for handle in self.handles:
+            handle.remove()
+        self.layers, self.handles = current, []
+        for idx, layer in enumerate(self.layers):
+            read, write = partial(_memory_read_hook, self, idx), partial(_memory_write_hook, self, idx)
+            self.handles.append(layer.register_forward_pre_hook(read, with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(write, with_kwargs=True))
 
     @contextlib.contextmanager
     def step(
@@ -1565,8 +1582,6 @@ class ARMTPreTrainedModel(PreTrainedModel):
     config_class = ARMTConfig
     base_model_prefix = "armt"
     supports_gradient_checkpointing = True
-    # a device_map keeps each memory layer's projections together (the backbone adds its decoder-layer class)
-    _no_split_modules = ["ARMTMemoryLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -1754,8 +1769,8 @@ class ARMTModel(ARMTPreTrainedModel):
         return self.memory_embeddings.weight.device
 
     def _memory_devices(self) -> list[torch.device]:
-        """Per memory layer, the device it computes on (its A and z live there)."""
-        return [_execution_device(layer) for layer in self.memory_layers]
+        """Per memory layer, where its A and z live: the device its writes run on (W_k's)."""
+        return [_execution_device(layer.key_proj) for layer in self.memory_layers]
 
     def _place_cache(self, cache: ARMTCache) -> None:
         """Under a device_map, move a cache made elsewhere (`ARMTCache.load`, another placement) beside the layers:
@@ -1802,6 +1817,7 @@ class ARMTModel(ARMTPreTrainedModel):
         if cache is not None and not isinstance(cache, ARMTCache):
             raise ValueError(f"{type(self).__name__} needs an ARMTCache (model.new_cache(batch)), got "
                              f"{type(cache).__name__}.")
+        self.memory_injector.follow_wrappers()
         if torch.is_grad_enabled() and self.backbone.is_activation_checkpointing:
             raise ValueError(
                 "Activation checkpointing is on for the backbone's layers, whose recomputation would skip the memory "

@@ -58,7 +58,7 @@ try:  # Ctrl-C while torch and transformers load: exit 130 without a traceback
         data_collator,
         parse_curriculum,
     )
-    from .loss import ARMTTrainer, answer_accuracy
+    from .loss import ARMTTrainer, answer_accuracy, without_tied_copies
     from .model import MODEL_DEFAULTS, build_model, load_backbone, take_armt_settings, with_lora
 except KeyboardInterrupt:
     raise SystemExit(130) from None
@@ -464,6 +464,9 @@ def run(args: argparse.Namespace, training_args: TrainingArguments, callbacks: l
     else:
         save_final_model(trainer, final_dir)
     if training_args.push_to_hub:
+        if trainer.is_fsdp_enabled and Path(final_dir) != Path(training_args.output_dir):
+            # push_to_hub uploads --output-dir, after a save_model that writes nothing there under FSDP
+            save_final_model(trainer, training_args.output_dir)
         trainer.push_to_hub(commit_message="ARMT training: final model")
     return trainer
 
@@ -504,6 +507,7 @@ def save_final_model(trainer: ARMTTrainer, final_dir: str) -> None:
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if trainer.args.should_save:
         model = trainer.accelerator.unwrap_model(trainer.model)
+        state_dict = without_tied_copies(model, state_dict)
         sharded_class = type(model)  # FSDP2 makes the model an instance of FSDP<its class>, defined in torch
         model.__class__ = next(c for c in sharded_class.__mro__ if not issubclass(c, FSDPModule))
         try:  # saved as its own class: config.json's auto_map and the code files are ARMT's, not torch's

@@ -129,6 +129,13 @@ class SkipNonFiniteSteps(TrainerCallback):
                              "--learning-rate (or --max-grad-norm), or without --bf16.")
 
 
+def without_tied_copies(model: torch.nn.Module, state_dict: dict) -> dict:
+    """`state_dict` less the weights that `model` ties to others (`all_tied_weights_keys`: target -> source). A state
+    dict gathered from shards (FSDP, DeepSpeed) holds them as separate tensors, which save_pretrained would keep."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {name: tensor for name, tensor in state_dict.items() if name not in tied}
+
+
 class ARMTTrainer(Trainer):
     """Trainer with ARMT's segment-group loss (truncated BPTT), a sequential sampler (the curriculum is by step),
     answer accuracy in evaluation, the curriculum stage in the logs, and optimizer steps with non-finite gradients
@@ -177,6 +184,13 @@ class ARMTTrainer(Trainer):
         for group in groups:
             optimizer.add_param_group(group)
         return optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The Trainer's save, without the copies of tied weights in a state dict gathered or cloned for it (DeepSpeed:
+        the GPT-2 output layer would be saved beside the word embeddings it is tied to; from_pretrained ties them)."""
+        if state_dict is not None:
+            state_dict = without_tied_copies(self.accelerator.unwrap_model(self.model), state_dict)
+        super()._save(output_dir, state_dict)
 
     def _get_train_sampler(self, train_dataset=None):
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)

@@ -71,6 +71,17 @@ def test_disk_offload_streams_like_the_model_in_one_place(models):
         assert layer.A.abs().sum() > 0
 
 
+def test_disk_offload_returns_the_hidden_states_of_the_model_in_one_place(models):
+    plain, offloaded = models
+    tokens = ids()
+    with torch.no_grad():
+        expected = plain(tokens, output_hidden_states=True).hidden_states
+        got = offloaded(tokens, output_hidden_states=True).hidden_states
+    assert len(got) == len(expected) == BACKBONE["num_hidden_layers"] + 1
+    for layer, (hidden, want) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(hidden, want, rtol=0, atol=1e-5, msg=lambda m: f"hidden state {layer}: {m}")
+
+
 def test_disk_offload_generates_the_greedy_tokens_of_the_model_in_one_place(models):
     plain, offloaded = models
     prompt = ids(13)

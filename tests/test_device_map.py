@@ -90,6 +90,32 @@ def test_disk_offload_generates_the_greedy_tokens_of_the_model_in_one_place(mode
     torch.testing.assert_close(offloaded.generate(prompt, **kwargs), expected, rtol=0, atol=0)
 
 
+def test_disk_offload_generates_from_a_prefilled_cache_as_the_model_in_one_place(models):
+    """The cache has read the whole prompt: the first new token comes from the logits it kept."""
+    plain, offloaded = models
+    prompt = ids(16)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    tokens = []
+    for model in (plain, offloaded):
+        cache = model.new_cache(2)
+        with torch.no_grad():
+            model(prompt, cache=cache, logits_to_keep=1)
+        tokens.append(model.generate(prompt, cache=cache, **kwargs))
+    torch.testing.assert_close(tokens[1], tokens[0], rtol=0, atol=0)
+
+
+def test_a_forward_of_no_tokens_under_disk_offload_returns_empty_outputs_on_the_cpu(models):
+    """Nothing is computed: the empty logits and hidden states are made where the inputs go, not on the offloaded
+    weights' meta device."""
+    _, offloaded = models
+    cache = offloaded.new_cache(2)
+    with torch.no_grad():
+        offloaded(ids(12), cache=cache, logits_to_keep=1)
+        out = offloaded(ids(12)[:, :0], cache=cache, logits_to_keep=0, output_hidden_states=True)
+    assert out.logits.shape == (2, 0, BACKBONE["vocab_size"]) and out.logits.device.type == "cpu"
+    assert [h.device.type for h in out.hidden_states] == ["cpu"] * (BACKBONE["num_hidden_layers"] + 1)
+
+
 def test_a_cache_saved_from_an_offloaded_model_continues_in_either_placement(models, tmp_path):
     plain, offloaded = models
     tokens = ids(27)

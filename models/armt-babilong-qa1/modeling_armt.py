@@ -2138,13 +2138,15 @@ class ARMTForCausalLM(ARMTModel, GenerationMixin):
             expected = (batch_size, cache.seen_tokens)
             raise ValueError(f"attention_mask must have shape (batch, cached tokens) = {expected}, got "
                              f"{tuple(attention_mask.shape)}.")
+        device = self._input_device()  # under a device_map the weights may be offloaded (meta tensors)
         if logits_to_keep == 0:
             vocab = self.get_output_embeddings().out_features
-            logits = self.memory_embeddings.weight.new_zeros(batch_size, 0, vocab)
+            logits = self.memory_embeddings.weight.new_zeros(batch_size, 0, vocab, device=device)
         else:
             logits = cache.kept_logits().unsqueeze(1).clone()
+        words = self.get_input_embeddings().weight
         fields = {} if outputs is None else outputs.fields_of_no_tokens(
-            batch_size, self.config.num_hidden_layers + 1, self.get_input_embeddings().weight
+            batch_size, self.config.num_hidden_layers + 1, words.new_empty(0, words.shape[-1], device=device)
         )
         return CausalLMOutputWithPast(logits=logits, cache=cache, **fields)
 
